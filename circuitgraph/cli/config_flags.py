@@ -1,0 +1,56 @@
+"""Command-line flags generated from config dataclasses, so flags and configs never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (``field: T = x`` then ``\"\"\"doc\"\"\"``)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add one ``--field-name`` flag per dataclass field, typed and documented from the class."""
+    hints = get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if hint is bool:
+            parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(hint) is tuple:
+            inner = get_args(hint)[0]
+            parser.add_argument(flag, dest=prefix + f.name, type=inner, nargs=len(get_args(hint)), default=None, help=help_text)
+        else:
+            choices = get_args(hint) if str(get_origin(hint)).endswith("Literal") else None
+            kind = type(choices[0]) if choices else (hint if hint in (int, float, str) else str)
+            parser.add_argument(flag, dest=prefix + f.name, type=kind, choices=choices, default=None, help=help_text)
+
+
+def dataclass_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
+    """Build ``cls`` from parsed flags; unset flags keep the dataclass defaults."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, prefix + f.name, None)
+        if value is not None:
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    values.update(overrides)
+    return cls(**values)

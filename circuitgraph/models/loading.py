@@ -1,0 +1,62 @@
+"""Resolve a ``--model`` value to a ``HookedTransformer``.
+
+Accepted values:
+
+* ``default`` — the embedded toy-language model shipped inside the package (works offline);
+* a folder saved by :func:`circuitgraph.models.save_model` (``config.json`` + ``model.safetensors``);
+* a TransformerLens model name such as ``gpt2`` (downloads weights; needs internet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from transformer_lens import HookedTransformer
+
+from circuitgraph.errors import ModelLoadError
+from circuitgraph.models.persistence import CONFIG_FILE, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+"""Where the committed default model lives (written by ``circuitgraph train-toy-model``)."""
+
+
+def load_default(device: str = "cpu") -> HookedTransformer:
+    """The embedded default model: a 4-layer GPT-2-style model trained on the toy language."""
+    if not (DEFAULT_MODEL_DIR / CONFIG_FILE).is_file():
+        raise ModelLoadError(
+            f"the embedded model is missing from {DEFAULT_MODEL_DIR}; "
+            "re-create it with `circuitgraph train-toy-model`"
+        )
+    return load_model(DEFAULT_MODEL_DIR, device=device)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0")
+
+
+def resolve_model(spec: str, device: str = "cpu") -> HookedTransformer:
+    """Load the model named by ``spec`` (see the module docstring for the accepted forms)."""
+    if spec == "default":
+        return load_default(device)
+    path = Path(spec)
+    if path.is_dir():
+        return load_model(path, device=device)
+    if path.suffix == ".bin" or path.exists():
+        raise ModelLoadError(f"{spec} is a file, not a saved model folder; pass the folder holding {CONFIG_FILE}")
+    if _offline():
+        raise ModelLoadError(
+            f"{spec!r} is neither 'default' nor a model folder, and loading it as a TransformerLens "
+            "model name needs the internet but HF_HUB_OFFLINE is set; use --model default or a local folder"
+        )
+    log.info("loading %s through TransformerLens (downloads weights)", spec)
+    try:
+        return HookedTransformer.from_pretrained(spec, device=device)
+    except Exception as err:  # hub, network and name errors come in many types
+        raise ModelLoadError(
+            f"could not load {spec!r} as a TransformerLens model ({type(err).__name__}: {err}); "
+            "check the name and your internet connection, or pass 'default' or a local folder"
+        ) from err

@@ -1,0 +1,129 @@
+"""A prompt dataset for one task: clean and corrupted tokens, answer positions and answer sets.
+
+Prompts may differ in length; tokens are right-padded and ``answer_pos`` gives the position of
+each prompt's last token, where the answer is predicted (causal attention means padding never
+affects it). Clean and corrupted prompts have the same length, so patching is position-aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuitgraph.errors import TaskError
+from circuitgraph.toylang.templates import TaskInstance
+
+MetricKind = Literal["logit_diff", "prob_diff"]
+
+
+@dataclass
+class TaskDataset:
+    """Tokenised prompts of one task with everything a metric or a patching run needs."""
+
+    name: str
+    """Task name (``ioi``, ``agreement``, ``induction``, ``greater_than`` or a custom one)."""
+    prompts: list[str]
+    """Clean prompt texts."""
+    corrupted_prompts: list[str]
+    """Corrupted counterparts (same token length), used for patching baselines."""
+    clean_tokens: torch.Tensor
+    """``[n, seq]`` int64, BOS first, right-padded."""
+    corrupted_tokens: torch.Tensor
+    """``[n, seq]`` int64, aligned with ``clean_tokens``."""
+    answer_pos: torch.Tensor
+    """``[n]`` int64 position of the last prompt token (where the answer is predicted)."""
+    answer_ids: torch.Tensor
+    """``[n, A]`` int64 correct next tokens, padded with -1."""
+    wrong_ids: torch.Tensor
+    """``[n, W]`` int64 incorrect next tokens the metric contrasts with, padded with -1."""
+    metric_kind: MetricKind
+    """``logit_diff``: mean correct logit minus mean wrong logit; ``prob_diff``: probability mass
+    on correct minus on wrong tokens."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, index: slice | torch.Tensor) -> TaskDataset:
+        """The prompts selected by ``index`` (a slice or an index tensor)."""
+        idx = torch.arange(len(self))[index]
+        return TaskDataset(
+            self.name,
+            [self.prompts[i] for i in idx.tolist()],
+            [self.corrupted_prompts[i] for i in idx.tolist()],
+            self.clean_tokens[idx],
+            self.corrupted_tokens[idx],
+            self.answer_pos[idx],
+            self.answer_ids[idx],
+            self.wrong_ids[idx],
+            self.metric_kind,
+        )
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out
+
+
+def single_token_id(model: HookedTransformer, text: str) -> int:
+    """The id of ``text`` if it is exactly one token, else a :class:`TaskError` naming it."""
+    ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+    if ids.numel() != 1:
+        raise TaskError(
+            f"answer {text!r} is {ids.numel()} tokens, not one; answers must be single tokens "
+            "(include the leading space, e.g. ' Mary')"
+        )
+    return int(ids[0])
+
+
+def build_dataset(
+    name: str, instances: Sequence[TaskInstance], model: HookedTransformer, metric_kind: MetricKind
+) -> TaskDataset:
+    """Tokenise task instances for ``model``; checks lengths, alignment and single-token answers."""
+    if not instances:
+        raise TaskError(f"task {name!r}: the prompt list is empty; ask for at least one prompt (--n 1 or more)")
+    n_ctx = model.cfg.n_ctx
+    clean_rows, corrupt_rows, pos = [], [], []
+    token_cache: dict[str, int] = {}
+
+    def tid(text: str) -> int:
+        if text not in token_cache:
+            token_cache[text] = single_token_id(model, text)
+        return token_cache[text]
+
+    for i, inst in enumerate(instances):
+        if not inst.prompt.strip():
+            raise TaskError(f"task {name!r}: prompt {i} is empty; every prompt needs at least one token")
+        clean = model.to_tokens(inst.prompt, truncate=False)[0].tolist()
+        corrupt = model.to_tokens(inst.corrupted_prompt, truncate=False)[0].tolist()
+        if len(clean) > n_ctx:
+            raise TaskError(
+                f"task {name!r}: prompt {i} is {len(clean)} tokens but the model's context is {n_ctx}; "
+                "shorten the prompt or use a model with a longer context"
+            )
+        if len(corrupt) != len(clean):
+            raise TaskError(
+                f"task {name!r}: prompt {i} has {len(clean)} tokens but its corrupted version "
+                f"{len(corrupt)}; clean and corrupted prompts must align token by token"
+            )
+        clean_rows.append(clean)
+        corrupt_rows.append(corrupt)
+        pos.append(len(clean) - 1)
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
+    return TaskDataset(
+        name=name,
+        prompts=[inst.prompt for inst in instances],
+        corrupted_prompts=[inst.corrupted_prompt for inst in instances],
+        clean_tokens=_pad(clean_rows, pad),
+        corrupted_tokens=_pad(corrupt_rows, pad),
+        answer_pos=torch.tensor(pos, dtype=torch.long),
+        answer_ids=_pad([[tid(a) for a in inst.answers] for inst in instances], -1),
+        wrong_ids=_pad([[tid(w) for w in inst.wrongs] for inst in instances], -1),
+        metric_kind=metric_kind,
+    )

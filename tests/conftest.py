@@ -1,0 +1,33 @@
+"""Suite-wide settings: offline hubs, seeded RNGs, few threads, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any hub access fails fast instead of hanging
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES_DIR = SHARED / "models" / "stories260K"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from circuitgraph.models import load_default
+
+    return load_default()

@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench-env
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,14 @@ lint: setup
 
 clean:
 	rm -rf $(VENV)
+
+# Benchmark environment: peers (SAELens) installed beside this package, never runtime dependencies.
+bench-env: .venv-bench/.installed
+
+.venv-bench/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --upgrade pip
+	.venv-bench/bin/python -m pip install -q $(TORCH_SPEC)
+	.venv-bench/bin/python -m pip install -q sae-lens
+	.venv-bench/bin/python -m pip install -q -e ".[dev]"
+	touch $@

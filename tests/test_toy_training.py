@@ -30,7 +30,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "b" / "train_checkpoint.safetensors").is_file()
     monkeypatch.setattr(ToyCorpus, "batches", real_batches)
     resumed = train_toy_model(tmp_path / "b", TINY, TRAIN)
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert not (tmp_path / "b" / "train_checkpoint.safetensors").exists()
     reloaded = load_model(tmp_path / "b")

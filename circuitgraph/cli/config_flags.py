@@ -17,7 +17,7 @@ def _field_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for prev, node in zip(body, body[1:]):
+    for prev, node in zip(body, body[1:], strict=False):
         if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
                 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                 and isinstance(node.value.value, str)):
@@ -25,11 +25,25 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def int_with_suffix(text: str) -> int:
+    """Parse ``2M``, ``500k``, ``1.5G`` or a plain integer."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}
+    t = text.strip().lower().replace("_", "")
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(t)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (suffixes k, M, G allowed)") from err
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """Add one ``--field-name`` flag per dataclass field, typed and documented from the class."""
     hints = get_type_hints(cls)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + prefix + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -42,6 +56,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str 
         else:
             choices = get_args(hint) if str(get_origin(hint)).endswith("Literal") else None
             kind = type(choices[0]) if choices else (hint if hint in (int, float, str) else str)
+            if kind is int:
+                kind = int_with_suffix
             parser.add_argument(flag, dest=prefix + f.name, type=kind, choices=choices, default=None, help=help_text)
 
 

@@ -15,10 +15,11 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
-from circuitgraph.cli import demo_cmd, tasks_cmd, train_model_cmd  # noqa: E402
+from circuitgraph.cli import demo_cmd, dicts_cmd, tasks_cmd, train_model_cmd  # noqa: E402
 from circuitgraph.errors import CircuitGraphError  # noqa: E402
+from dictionaries.errors import DictionaryError  # noqa: E402
 
-COMMANDS = (tasks_cmd, train_model_cmd, demo_cmd)
+COMMANDS = (tasks_cmd, train_model_cmd, dicts_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except CircuitGraphError as err:
+    except (CircuitGraphError, DictionaryError) as err:
         print(f"circuitgraph {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:

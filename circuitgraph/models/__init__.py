@@ -1,6 +1,7 @@
 """Models: the embedded default, saved folders, and TransformerLens names behind one ``--model`` flag."""
 
+from circuitgraph.models.llama2c import load_llama2c
 from circuitgraph.models.loading import DEFAULT_MODEL_DIR, load_default, resolve_model
 from circuitgraph.models.persistence import load_model, save_model
 
-__all__ = ["DEFAULT_MODEL_DIR", "load_default", "load_model", "resolve_model", "save_model"]
+__all__ = ["DEFAULT_MODEL_DIR", "load_default", "load_llama2c", "load_model", "resolve_model", "save_model"]

@@ -207,6 +207,7 @@ def load_llama2c(model_path: str | Path, tokenizer_path: str | Path | None = Non
     for name, param in model.named_parameters():  # biases TransformerLens creates are zero in Llama
         if name.split(".")[-1].lstrip("_").startswith("b_"):
             torch.nn.init.zeros_(param)
-    model.to(device)
+    if str(device) != "cpu":
+        model.to(device)
     model.eval()
     return model

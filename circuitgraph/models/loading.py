@@ -4,6 +4,8 @@ Accepted values:
 
 * ``default`` — the embedded toy-language model shipped inside the package (works offline);
 * a folder saved by :func:`circuitgraph.models.save_model` (``config.json`` + ``model.safetensors``);
+* a llama2.c checkpoint ``.bin`` (its tokenizer is found beside it: ``tokenizer.bin`` or
+  ``tok{vocab}.bin``, or named explicitly as ``model.bin:tokenizer.bin``);
 * a TransformerLens model name such as ``gpt2`` (downloads weights; needs internet).
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import ModelLoadError
+from circuitgraph.models.llama2c import load_llama2c, read_header
 from circuitgraph.models.persistence import CONFIG_FILE, load_model
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,18 @@ def load_default(device: str = "cpu") -> HookedTransformer:
     return load_model(DEFAULT_MODEL_DIR, device=device)
 
 
+def find_llama2c_tokenizer(model_path: Path) -> Path | None:
+    """``tokenizer.bin`` or ``tok{vocab}.bin`` beside a llama2.c checkpoint, if either exists."""
+    if not model_path.is_file():
+        raise ModelLoadError(f"llama2.c checkpoint {model_path} not found")
+    vocab = abs(read_header(model_path).vocab_size)
+    for name in ("tokenizer.bin", f"tok{vocab}.bin"):
+        if (model_path.parent / name).is_file():
+            return model_path.parent / name
+    log.warning("no tokenizer beside %s; to_tokens will not work (name one as MODEL.bin:TOKENIZER.bin)", model_path)
+    return None
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0")
 
@@ -45,8 +60,11 @@ def resolve_model(spec: str, device: str = "cpu") -> HookedTransformer:
     path = Path(spec)
     if path.is_dir():
         return load_model(path, device=device)
-    if path.suffix == ".bin" or path.exists():
-        raise ModelLoadError(f"{spec} is a file, not a saved model folder; pass the folder holding {CONFIG_FILE}")
+    model_part, _, tok_part = spec.partition(":")
+    if model_part.endswith(".bin") or path.is_file():
+        model_path = Path(model_part)
+        tokenizer = Path(tok_part) if tok_part else find_llama2c_tokenizer(model_path)
+        return load_llama2c(model_path, tokenizer, device=device)
     if _offline():
         raise ModelLoadError(
             f"{spec!r} is neither 'default' nor a model folder, and loading it as a TransformerLens "

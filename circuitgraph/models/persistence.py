@@ -96,7 +96,8 @@ def load_model(folder: str | Path, device: str = "cpu") -> HookedTransformer:
             f"missing {absent[:5]}; the two files come from different models"
         )
     model.load_state_dict(state, strict=False)
-    model.to(device)
+    if str(device) != "cpu":
+        model.to(device)
     model.eval()
     log.debug("loaded model from %s (%d layers)", folder, cfg.n_layers)
     return model

@@ -36,9 +36,11 @@ class CorpusConfig:
     """Probability that a sentence is a subject-verb agreement sentence."""
     p_greater_than: float = 0.16
     """Probability that a sentence is a greater-than year-range sentence."""
-    p_induction_doc: float = 0.35
+    p_induction_doc: float = 0.5
     """Probability that a document contains a repeated random span."""
-    induction_span: tuple[int, int] = (4, 24)
+    p_repeat_doc: float = 0.15
+    """Probability that a document is nothing but one random span repeated (pure induction)."""
+    induction_span: tuple[int, int] = (4, 20)
     """Inclusive range of the repeated span's length in words."""
 
     def __post_init__(self) -> None:
@@ -75,29 +77,29 @@ class ToyCorpus:
         return inst.prompt + inst.completion
 
     def document(self, rng: random.Random) -> str:
-        """Enough text to fill one sequence (about ``seq_len`` words, usually more)."""
-        budget = self.cfg.seq_len
+        """Enough text to fill one sequence (about ``seq_len`` words, usually more).
+
+        An induction document holds one random span of words two or three times, at random
+        sentence boundaries, the first occurrence early in the sequence.
+        """
+        if rng.random() < self.cfg.p_repeat_doc:
+            lo, hi = self.cfg.induction_span
+            span = "".join(tp.random_span(rng, rng.randint(max(lo, 6), hi + 10)))
+            return span * (self.cfg.seq_len // span.count(" ") + 2)
         parts: list[str] = []
         n_words = 0
-        span: list[str] | None = None
-        repeat_at = -1
+        while n_words < self.cfg.seq_len:
+            text = self.sentence(rng)
+            parts.append(" " + text)
+            n_words += text.count(" ") + 2
         if rng.random() < self.cfg.p_induction_doc:
             lo, hi = self.cfg.induction_span
-            span = tp.random_span(rng, rng.randint(lo, hi))
-            repeat_at = rng.randint(0, 3)
-        i = 0
-        while n_words < budget:
-            if span is not None and i == 0:
-                parts.append("".join(span))
-                n_words += len(span)
-            if span is not None and i == repeat_at:
-                parts.append("".join(span))
-                n_words += len(span)
-            text = self.sentence(rng)
-            parts.append(text if not parts else " " + text)
-            n_words += text.count(" ") + 2
-            i += 1
-        return "".join(parts).lstrip(" ") if span is None else "".join(parts)
+            span = "".join(tp.random_span(rng, rng.randint(lo, hi)))
+            slots = sorted(rng.sample(range(min(len(parts), 8)), rng.randint(2, 3)))
+            for k, slot in enumerate(slots):
+                parts.insert(slot + k, span)
+            return "".join(parts)
+        return "".join(parts)[1:]  # a plain document starts without a space, like the task prompts
 
     def texts(self, n: int, offset: int = 0) -> list[str]:
         """Documents ``offset .. offset+n-1``; document ``i`` depends only on the seed and ``i``."""
@@ -113,6 +115,15 @@ class ToyCorpus:
                 raise RuntimeError(f"document {offset + row} is too short to fill a sequence")
             out[row, 1:] = torch.tensor(ids, dtype=torch.long)
         return out
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence (the :class:`dictionaries.token_sources.TokenSource` protocol)."""
+        return self.cfg.seq_len
+
+    def sequences(self, start: int, n: int) -> torch.Tensor:
+        """``[n, seq_len]`` sequences ``start .. start+n-1`` (the ``TokenSource`` protocol)."""
+        return self.tokens(n, offset=start)
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[torch.Tensor]:
         """An endless stream of ``[batch_size, seq_len]`` batches starting at document ``start``."""

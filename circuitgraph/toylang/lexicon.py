@@ -105,7 +105,7 @@ FILLER_WORDS: tuple[str, ...] = (
     "happy", "sad", "tired", "here", "there", "said", "hello", "loved", "felt", "day", "morning",
     "evening", "walked", "home", "back", "again", "so", "decided", "give", "it", "he", "she",
     "they", "He", "She", "They", "his", "her", "their", "together", "for", "long", "time",
-    "when", "arrived",
+    "when", "arrived", "near", "met", "belonged", "Later",
 )
 PUNCTUATION: tuple[str, ...] = (".", ",")
 

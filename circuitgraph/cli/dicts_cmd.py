@@ -1,0 +1,97 @@
+"""``circuitgraph train-dictionaries`` and ``circuitgraph dicts eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.models import resolve_model
+from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+from dictionaries.errors import DictionaryError
+from dictionaries.metrics import evaluate_dictionaries
+from dictionaries.persistence import check_against_model, load_dictionaries
+from dictionaries.site import expand_sites
+from dictionaries.token_sources import TokenSource, tensor_file_tokens, text_file_tokens
+from dictionaries.training import TrainConfig, train_dictionaries
+
+log = logging.getLogger(__name__)
+EVAL_SEED = 12345  # documents of the toy corpus no training run reads first
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-dictionaries", help="train sparse dictionaries at many sites from one model pass")
+    p.add_argument("--model", default="default", help="'default', a model folder, a llama2.c .bin, or a TransformerLens name")
+    p.add_argument("--sites", default="resid_post,mlp_out,attn_z,transcoder",
+                   help="comma-separated site kinds: resid_pre, resid_mid, resid_post, mlp_out, attn_z, mlp_post, transcoder")
+    p.add_argument("--layers", default="all", help="'all', '0,2' or '1-3'")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
+    p.add_argument("--text", default=None, help="train on this UTF-8 text file instead of the default corpus")
+    p.add_argument("--tokens-file", default=None, help="train on a safetensors file holding tokens [n_seq, seq_len]")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length for --text and the toy corpus")
+    p.add_argument("--device", default="cpu")
+    add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(func=run_train)
+
+    d = sub.add_parser("dicts", help="evaluate trained dictionaries")
+    dsub = d.add_subparsers(dest="dicts_command", required=True)
+    ev = dsub.add_parser("eval", help="L0, FVU, dead fraction, CE loss recovered and KL per dictionary")
+    ev.add_argument("--model", default="default")
+    ev.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
+    ev.add_argument("--n-seq", type=int, default=64, help="evaluation sequences")
+    ev.add_argument("--text", default=None, help="evaluate on this text file instead of held-out toy-corpus text")
+    ev.add_argument("--seq-len", type=int, default=128)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
+
+def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
+    """The training/evaluation token source named by the flags."""
+    try:
+        if getattr(args, "tokens_file", None):
+            return tensor_file_tokens(args.tokens_file)
+        if args.text:
+            return text_file_tokens(args.text, model, seq_len=args.seq_len)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    if model.cfg.model_name != "circuitgraph-toy":
+        raise CircuitGraphError(
+            f"model {model.cfg.model_name!r} is not the embedded toy model; give training text with --text FILE "
+            "or --tokens-file FILE"
+        )
+    return ToyCorpus(CorpusConfig(seed=seed, seq_len=args.seq_len))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model, device=args.device)
+    try:
+        sites = expand_sites(args.sites, args.layers, model.cfg.n_layers)
+        cfg = dataclass_from_flags(TrainConfig, args)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    source = token_source(args, model, seed=cfg.seed + 1)
+    result = train_dictionaries(model, sites, source, cfg, args.out)
+    print(json.dumps({"dictionaries": len(result.dictionaries), "seconds": round(result.seconds, 1),
+                      "tokens_per_dictionary": result.tokens, "out": args.out}))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model, device=args.device)
+    dicts = load_dictionaries(args.dicts, device=args.device)
+    check_against_model(dicts, model.cfg)
+    if args.n_seq <= 0:
+        raise DictionaryError(f"--n-seq {args.n_seq}: evaluate on at least one sequence")
+    tokens = token_source(args, model, seed=EVAL_SEED).sequences(0, args.n_seq)
+    metrics = evaluate_dictionaries(model, dicts, tokens)
+    out = {site.id: m.summary() for site, m in sorted(metrics.items())}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for sid, m in out.items():
+            print(f"{sid:18s} L0={m['l0']:6.1f} FVU={m['fvu']:.3f} dead={m['dead_frac']:.3f} "
+                  f"CE_rec={m['ce_recovered']:.3f} KL={m['kl']:.4f}")
+    return 0

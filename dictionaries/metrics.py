@@ -1,0 +1,125 @@
+"""Dictionary quality metrics on held-out tokens.
+
+Per dictionary: L0 (mean active latents per token), MSE, FVU (fraction of variance unexplained,
+``sum ||y - y_hat||^2 / sum ||y - mean(y)||^2``), dead fraction (latents that never fire on the
+evaluation tokens), dense fraction (latents firing on more than 10% of tokens), the firing
+density of every latent, and the cross-entropy loss with the dictionary spliced in against the
+clean model and against zero-ablating the site: ``ce_recovered = (CE_zero - CE_spliced) /
+(CE_zero - CE_clean)``; ``kl`` is the mean per-token KL(clean || spliced).
+Also the mean max cosine similarity (MMCS) between the decoders of two dictionaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+
+from dictionaries.activations import ActivationStore
+from dictionaries.architectures.base import SparseDictionary
+from dictionaries.site import Site
+from dictionaries.splice import splice_hooks
+from dictionaries.token_sources import TensorTokens
+
+DENSE_THRESHOLD = 0.1
+
+
+@dataclass
+class DictionaryMetrics:
+    """Quality numbers of one dictionary (see the module docstring)."""
+
+    l0: float
+    mse: float
+    fvu: float
+    dead_frac: float
+    dense_frac: float
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    ce_recovered: float
+    kl: float
+    density: torch.Tensor
+    """``[d_dict]`` fraction of evaluation tokens on which each latent fires."""
+
+    def summary(self) -> dict[str, float]:
+        """The scalar metrics as a JSON-ready dict."""
+        return {k: round(float(v), 6) for k, v in self.__dict__.items() if k != "density"}
+
+
+@torch.no_grad()
+def reconstruction_stats(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> dict[str, torch.Tensor]:
+    """L0, MSE, FVU and per-latent density of ``d`` on ``x -> y`` (``[N, d_in]``, ``[N, d_out]``)."""
+    fired = torch.zeros(d.cfg.d_dict)
+    sq_err, l0_sum = 0.0, 0.0
+    for i in range(0, x.shape[0], chunk):
+        out = d(x[i : i + chunk])
+        sq_err += (out.output - y[i : i + chunk]).pow(2).sum().item()
+        active = out.latents > 0
+        l0_sum += active.sum().item()
+        fired += active.sum(0).float().cpu()
+    n = x.shape[0]
+    var = (y - y.mean(0)).pow(2).sum().item()
+    return {"l0": torch.tensor(l0_sum / n), "mse": torch.tensor(sq_err / (n * y.shape[1])),
+            "fvu": torch.tensor(sq_err / max(var, 1e-12)), "density": fired / n}
+
+
+@torch.no_grad()
+def _ce_and_logprobs(model: HookedTransformer, tokens: torch.Tensor, hooks) -> tuple[float, torch.Tensor]:
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(tokens.to(model.cfg.device))
+    logp = F.log_softmax(logits.float(), -1)
+    ce = -logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device)).mean().item()
+    return ce, logp
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], tokens: torch.Tensor, batch: int = 32
+) -> dict[Site, DictionaryMetrics]:
+    """Metrics of every dictionary on ``[n_seq, seq_len]`` evaluation tokens (BOS first)."""
+    hooks = sorted({h for s in dicts for h in (s.input_hook, s.output_hook)})
+    store = ActivationStore(model, hooks, TensorTokens(tokens))
+    acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for i in range(0, tokens.shape[0], batch):
+        for h, a in store.activations(tokens[i : i + batch]).items():
+            acts[h].append(a)
+    cat = {h: torch.cat(v) for h, v in acts.items()}
+    results: dict[Site, DictionaryMetrics] = {}
+    for site, d in dicts.items():
+        stats = reconstruction_stats(d, cat[site.input_hook], cat[site.output_hook])
+        ce_c = ce_s = ce_z = kl = 0.0
+        n_batches = 0
+        for i in range(0, tokens.shape[0], batch):
+            tb = tokens[i : i + batch]
+            c, lp_clean = _ce_and_logprobs(model, tb, [])
+            s, lp_spliced = _ce_and_logprobs(model, tb, splice_hooks(site, d, "reconstruct"))
+            z, _ = _ce_and_logprobs(model, tb, splice_hooks(site, None, "zero"))
+            kl += (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean().item()
+            ce_c, ce_s, ce_z, n_batches = ce_c + c, ce_s + s, ce_z + z, n_batches + 1
+        ce_c, ce_s, ce_z, kl = (v / n_batches for v in (ce_c, ce_s, ce_z, kl))
+        density = stats["density"]
+        results[site] = DictionaryMetrics(
+            l0=float(stats["l0"]), mse=float(stats["mse"]), fvu=float(stats["fvu"]),
+            dead_frac=float((density == 0).float().mean()), dense_frac=float((density > DENSE_THRESHOLD).float().mean()),
+            ce_clean=ce_c, ce_spliced=ce_s, ce_zero=ce_z,
+            ce_recovered=(ce_z - ce_s) / (ce_z - ce_c) if ce_z != ce_c else float("nan"), kl=kl, density=density,
+        )
+    return results
+
+
+def mmcs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of ``a`` of the max cosine similarity to any row of ``b`` (``[n, d]``, ``[m, d]``)."""
+    an = F.normalize(a.float(), dim=1)
+    bn = F.normalize(b.float(), dim=1)
+    return (an @ bn.T).max(1).values.mean().item()
+
+
+def density_histogram(density: torch.Tensor, bins: int = 20, lo: float = -6.0) -> tuple[list[float], list[int]]:
+    """Histogram of log10 firing densities (dead latents counted in the lowest bin)."""
+    logd = density.clamp(min=10**lo).log10()
+    counts = torch.histc(logd, bins=bins, min=lo, max=0.0)
+    edges = torch.linspace(lo, 0.0, bins + 1)
+    return edges.tolist(), [int(c) for c in counts]

@@ -1,0 +1,121 @@
+"""Save and load dictionaries: one folder per site with ``cfg.json`` + ``weights.safetensors``.
+
+``save_dictionaries(dicts, root)`` writes ``root/<site id>/``; ``load_dictionaries(root)`` returns
+``{Site: dictionary}``. Never pickle. SAELens's on-disk format lives in :mod:`dictionaries.saelens_format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dictionaries.architectures.base import SparseDictionary
+from dictionaries.architectures.registry import build_dictionary
+from dictionaries.config import DictionaryConfig
+from dictionaries.errors import DictionaryError
+from dictionaries.site import Site
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_dictionary(d: SparseDictionary, folder: str | Path) -> Path:
+    """Write one dictionary to ``folder`` (created); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in d.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    _atomic_write_text(folder / CFG_FILE, d.cfg.to_json())
+    return folder
+
+
+def load_dictionary(folder: str | Path, device: str = "cpu") -> SparseDictionary:
+    """Load a dictionary written by :func:`save_dictionary`.
+
+    Raises:
+        DictionaryError: missing, corrupt or inconsistent files.
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise DictionaryError(f"{folder} is not a dictionary folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = DictionaryConfig.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise DictionaryError(f"{cfg_path} is not a valid dictionary config ({err})") from err
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as err:
+        raise DictionaryError(f"{w_path} is corrupt or truncated ({err}); retrain or re-download it") from err
+    d = build_dictionary(cfg)
+    expected = d.state_dict()
+    bad = [k for k, v in expected.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        got = {k: tuple(state[k].shape) for k in bad if k in state}
+        raise DictionaryError(
+            f"{w_path} does not match {cfg_path} (d_in={cfg.d_in}, d_dict={cfg.d_dict}): "
+            f"missing or mis-shaped {bad[:4]} {got}; the files come from different dictionaries"
+        )
+    d.load_state_dict({k: state[k] for k in expected})
+    d.eval()
+    return d.to(device)
+
+
+def save_dictionaries(dicts: Mapping[Site, SparseDictionary], root: str | Path) -> Path:
+    """Write each dictionary to ``root/<site id>/``; returns ``root``."""
+    root = Path(root)
+    for site, d in dicts.items():
+        save_dictionary(d, root / site.id)
+    return root
+
+
+def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, SparseDictionary]:
+    """``{Site: dictionary}`` for every ``root/<site id>/`` folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DictionaryError(f"dictionary folder {root} does not exist")
+    out: dict[Site, SparseDictionary] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            site = Site.parse(sub.name)
+        except ValueError:
+            continue
+        out[site] = load_dictionary(sub, device=device)
+    if not out:
+        raise DictionaryError(f"{root} holds no dictionary folders named like L0.resid_post/")
+    return out
+
+
+def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> None:
+    """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths."""
+    for site, d in dicts.items():
+        try:
+            site.check_model(model_cfg)
+        except ValueError as err:
+            raise DictionaryError(str(err)) from err
+        d_in, d_out = site.widths(model_cfg)
+        if (d.cfg.d_in, d.cfg.out_width) != (d_in, d_out):
+            raise DictionaryError(
+                f"dictionary {site.id} has widths ({d.cfg.d_in} -> {d.cfg.out_width}) but the model's site has "
+                f"({d_in} -> {d_out}); it was trained on another model"
+            )
+
+
+def dictionary_state_equal(a: SparseDictionary, b: SparseDictionary) -> bool:
+    """Whether two dictionaries have identical weights and buffers."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

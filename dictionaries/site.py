@@ -1,0 +1,131 @@
+"""Where a dictionary reads and writes: the one module that builds TransformerLens hook names.
+
+A :class:`Site` is a layer and a kind. Kinds:
+
+========== =================================== ====================== ============
+kind       reads (input hook)                   reconstructs           width
+========== =================================== ====================== ============
+resid_pre  ``blocks.L.hook_resid_pre``          the same activation    d_model
+resid_mid  ``blocks.L.hook_resid_mid``          the same activation    d_model
+resid_post ``blocks.L.hook_resid_post``         the same activation    d_model
+mlp_out    ``blocks.L.hook_mlp_out``            the same activation    d_model
+attn_z     ``blocks.L.attn.hook_z`` (all heads) the same activation    n_heads*d_head
+mlp_post   ``blocks.L.mlp.hook_post`` (neurons) the same activation    d_mlp
+transcoder ``blocks.L.ln2.hook_normalized``     ``blocks.L.hook_mlp_out`` d_model -> d_model
+========== =================================== ====================== ============
+
+Site ids are ``L{layer}.{kind}`` (``L2.resid_post``); they name folders, JSON keys and graph nodes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_z", "mlp_post", "transcoder"]
+SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
+_ID = re.compile(r"^L(\d+)\.([a-z_]+)$")
+
+_INPUT_HOOK = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "resid_post": "blocks.{L}.hook_resid_post",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "attn_z": "blocks.{L}.attn.hook_z",
+    "mlp_post": "blocks.{L}.mlp.hook_post",
+    "transcoder": "blocks.{L}.ln2.hook_normalized",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A dictionary's place in the model: ``layer`` and ``kind``."""
+
+    layer: int
+    """Block index, 0-based."""
+    kind: SiteKind
+    """What the dictionary reads and reconstructs (see the module table)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site kind {self.kind!r}; choose one of {', '.join(SITE_KINDS)}")
+        if self.layer < 0:
+            raise ValueError(f"layer {self.layer} is negative; layers count from 0")
+
+    @property
+    def id(self) -> str:
+        """Stable string id, e.g. ``L2.resid_post``."""
+        return f"L{self.layer}.{self.kind}"
+
+    @property
+    def input_hook(self) -> str:
+        """The TransformerLens hook whose activation the dictionary encodes."""
+        return _INPUT_HOOK[self.kind].format(L=self.layer)
+
+    @property
+    def output_hook(self) -> str:
+        """The hook whose activation the dictionary reconstructs (differs only for transcoders)."""
+        if self.kind == "transcoder":
+            return f"blocks.{self.layer}.hook_mlp_out"
+        return self.input_hook
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether input and output hooks differ."""
+        return self.kind == "transcoder"
+
+    @property
+    def is_per_head(self) -> bool:
+        """Whether the activation is ``[..., n_heads, d_head]`` (flattened to one vector per token)."""
+        return self.kind == "attn_z"
+
+    def widths(self, cfg) -> tuple[int, int]:
+        """``(d_in, d_out)`` for a model config with ``d_model``, ``d_mlp``, ``n_heads``, ``d_head``."""
+        if self.kind == "attn_z":
+            d = cfg.n_heads * cfg.d_head
+        elif self.kind == "mlp_post":
+            d = cfg.d_mlp
+        else:
+            d = cfg.d_model
+        return d, d
+
+    def check_model(self, cfg) -> None:
+        """Raise ``ValueError`` if this site does not exist in a model with config ``cfg``."""
+        if self.layer >= cfg.n_layers:
+            raise ValueError(
+                f"site {self.id}: layer {self.layer} is out of range; the model has layers 0..{cfg.n_layers - 1}"
+            )
+        if self.kind in ("mlp_post", "transcoder", "mlp_out") and getattr(cfg, "attn_only", False):
+            raise ValueError(f"site {self.id}: the model is attention-only and has no MLP")
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        """Parse a site id such as ``L2.resid_post``."""
+        m = _ID.match(text.strip())
+        if not m:
+            raise ValueError(f"cannot parse site id {text!r}; expected L<layer>.<kind>, e.g. L2.resid_post")
+        return cls(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
+
+
+def expand_sites(kinds: str, layers: str, n_layers: int) -> list[Site]:
+    """Sites for comma-separated ``kinds`` (``attn_z`` may be spelt ``attn``) at ``layers``
+    (``all``, ``0,2,3`` or ``1-3``), checked against ``n_layers``."""
+    aliases = {"attn": "attn_z", "mlp": "mlp_out", "neurons": "mlp_post", "resid": "resid_post"}
+    names = [aliases.get(k.strip(), k.strip()) for k in kinds.split(",") if k.strip()]
+    if not names:
+        raise ValueError("no site kinds given; pass e.g. --sites resid_post,mlp_out,attn_z,transcoder")
+    if layers.strip() == "all":
+        idx = list(range(n_layers))
+    else:
+        idx = []
+        for part in layers.split(","):
+            lo, _, hi = part.strip().partition("-")
+            try:
+                idx.extend(range(int(lo), int(hi or lo) + 1))
+            except ValueError as err:
+                raise ValueError(f"cannot parse layers {layers!r}; use 'all', '0,2' or '1-3'") from err
+    for layer in idx:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range; the model has layers 0..{n_layers - 1}")
+    return [Site(layer, kind) for layer in idx for kind in names]  # type: ignore[arg-type]

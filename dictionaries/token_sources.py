@@ -1,0 +1,88 @@
+"""Where training tokens come from. A token source serves ``[n, seq_len]`` sequences by index,
+so that a resumed run reads exactly the sequences an uninterrupted run would have read.
+
+Sources here: a tokenised tensor file (safetensors, key ``tokens``), a local text file (tokenised
+with the model's tokenizer and cut into BOS-prefixed sequences), a Hugging Face dataset (needs
+internet), or any object with the same two members (the embedded toy-language corpus is one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+    """Anything that serves token sequences by index."""
+
+    seq_len: int
+    """Tokens per sequence."""
+
+    def sequences(self, start: int, n: int) -> torch.Tensor:
+        """``[n, seq_len]`` int64 sequences ``start .. start+n-1`` (wrapping around if finite)."""
+        ...
+
+
+class TensorTokens:
+    """Sequences from an in-memory ``[S, seq_len]`` tensor, cycling when exhausted."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"token tensor must be [n_sequences, seq_len] and non-empty, got {tuple(tokens.shape)}")
+        self.tokens = tokens.long()
+        self.seq_len = tokens.shape[1]
+
+    def sequences(self, start: int, n: int) -> torch.Tensor:
+        idx = torch.arange(start, start + n) % self.tokens.shape[0]
+        return self.tokens[idx]
+
+
+def tensor_file_tokens(path: str | Path) -> TensorTokens:
+    """A safetensors file holding ``tokens: [n_sequences, seq_len]``."""
+    try:
+        data = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"token file {path} is missing, corrupt or truncated ({err})") from err
+    if "tokens" not in data:
+        raise ValueError(f"token file {path} has no 'tokens' tensor (found {sorted(data)})")
+    return TensorTokens(data["tokens"])
+
+
+def text_file_tokens(path: str | Path, model, seq_len: int = 128) -> TensorTokens:
+    """A UTF-8 text file tokenised with ``model``'s tokenizer, one BOS per ``seq_len`` sequence."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text file {path} not found")
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; give tokens as a tensor file instead")
+    ids = model.to_tokens(path.read_text(encoding="utf-8"), prepend_bos=False, truncate=False)[0]
+    body = seq_len - 1
+    n = ids.numel() // body
+    if n == 0:
+        raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one sequence of {seq_len}; give more text")
+    bos = model.tokenizer.bos_token_id
+    seqs = torch.cat([torch.full((n, 1), bos, dtype=torch.long), ids[: n * body].view(n, body)], dim=1)
+    return TensorTokens(seqs)
+
+
+def hf_dataset_tokens(name: str, model, seq_len: int = 128, n_sequences: int = 20_000,
+                      split: str = "train", column: str = "text") -> TensorTokens:  # pragma: no cover - needs internet
+    """Tokenise the start of a Hugging Face dataset (streamed; needs internet)."""
+    import datasets
+
+    stream = datasets.load_dataset(name, split=split, streaming=True)
+    bos = model.tokenizer.bos_token_id
+    body, rows, buf = seq_len - 1, [], []
+    for example in stream:
+        buf.extend(model.to_tokens(example[column], prepend_bos=False, truncate=False)[0].tolist())
+        while len(buf) >= body:
+            rows.append([bos] + buf[:body])
+            buf = buf[body:]
+        if len(rows) >= n_sequences:
+            break
+    return TensorTokens(torch.tensor(rows, dtype=torch.long))

@@ -1,0 +1,265 @@
+"""Train many dictionaries at once from one activation stream.
+
+Every step takes one batch of activations for every hook (one model forward per chunk serves
+all layers and site kinds) and updates each dictionary with its own Adam optimizer. Learning
+rate: linear warm-up, constant, then linear decay to zero over the last ``decay_frac`` of steps.
+Checkpoints are atomic and resumable: a resumed run ends with exactly the weights of an
+uninterrupted one (same seed, same data order).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from dictionaries.activations import ActivationStore, StoreConfig
+from dictionaries.architectures.base import SparseDictionary
+from dictionaries.architectures.registry import build_dictionary
+from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from dictionaries.config import Architecture, DictionaryConfig
+from dictionaries.errors import DictionaryError
+from dictionaries.persistence import save_dictionaries
+from dictionaries.resampling import resample_dead
+from dictionaries.site import Site
+from dictionaries.token_sources import TokenSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one multi-dictionary training run (the CLI flags are generated from these)."""
+
+    arch: Architecture = "topk"
+    """Architecture of every dictionary: relu, gated, topk, batchtopk or jumprelu."""
+    expansion: int = 8
+    """Latents per input dimension (d_dict = expansion * d_in)."""
+    k: int = 16
+    """Active latents per token (topk, batchtopk)."""
+    l1_coeff: float = 5.0
+    """L1 coefficient (relu, gated)."""
+    l0_coeff: float = 0.5
+    """L0 coefficient (jumprelu)."""
+    sparsity_warmup_frac: float = 0.05
+    """Fraction of steps over which the L1/L0 coefficient ramps up from 0."""
+    aux_coeff: float = 1 / 32
+    """AuxK loss weight (topk, batchtopk)."""
+    dead_after_tokens: int = 200_000
+    """Tokens without firing after which a latent counts as dead."""
+    transcoder_skip: bool = False
+    """Give transcoders a linear skip connection."""
+    tokens: int = 2_000_000
+    """Training tokens per dictionary (accepts 2M, 500k)."""
+    batch_tokens: int = 4096
+    """Tokens per optimizer step."""
+    lr: float = 4e-3
+    """Peak Adam learning rate."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps."""
+    decay_frac: float = 0.2
+    """Fraction of steps, at the end, over which the learning rate decays linearly to 0."""
+    resample_every: int = 0
+    """Resample dead latents every this many steps (relu, gated); 0 disables."""
+    chunk_sequences: int = 256
+    """Sequences per shuffled activation chunk."""
+    model_batch: int = 64
+    """Sequences per model forward."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    checkpoint_every: int = 100
+    """Steps between atomic checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_tokens:
+            raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
+        if not 0 <= self.decay_frac <= 1 or not 0 <= self.sparsity_warmup_frac <= 1:
+            raise ValueError("decay_frac and sparsity_warmup_frac must lie in [0, 1]")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+    def dictionary_config(self, site: Site, d_in: int, d_out: int, model_name: str) -> DictionaryConfig:
+        return DictionaryConfig(
+            arch=self.arch, d_in=d_in, d_dict=self.expansion * d_in, d_out=d_out if d_out != d_in else 0,
+            k=self.k, l1_coeff=self.l1_coeff, l0_coeff=self.l0_coeff, aux_coeff=self.aux_coeff,
+            dead_after_tokens=self.dead_after_tokens, skip=self.transcoder_skip and site.is_transcoder,
+            site=site.id, model_name=model_name,
+        )
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step``: warm-up, plateau, linear decay to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    if step >= decay_start and cfg.decay_frac > 0:
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return 1.0
+
+
+class StepStats(NamedTuple):
+    """Numbers from one optimizer step of one dictionary."""
+
+    loss: float
+    l0: float
+    """Mean active latents per token in the batch."""
+    fvu: float
+    """Batch fraction of variance unexplained."""
+
+
+class DictionaryStepper:
+    """One dictionary, its Adam optimizer and the per-step routine (loss, decoder constraint,
+    dead-latent bookkeeping, optional resampling). Usable on raw activations without a model."""
+
+    def __init__(self, d: SparseDictionary, lr: float, resample_every: int = 0, ckpt: Path | None = None) -> None:
+        self.d, self.resample_every, self.ckpt = d, resample_every, ckpt
+        self.opt = torch.optim.Adam(d.parameters(), lr=lr)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float = 1.0, step: int = 0) -> StepStats:
+        d = self.d
+        terms = d.training_loss(x, y, sparsity_scale=sparsity_scale)
+        if not torch.isfinite(terms.total):
+            raise DictionaryError(
+                f"loss of dictionary {d.cfg.site or d.cfg.arch} became {terms.total.item()} at step {step}; "
+                f"lower the learning rate. The last good checkpoint {self.ckpt} is intact"
+            )
+        terms.total.backward()
+        d.remove_parallel_gradient()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        d.constrain_decoder()
+        d.update_firing(terms.fired, x.shape[0])
+        if self.resample_every and (step + 1) % self.resample_every == 0 and d.cfg.arch in ("relu", "gated"):
+            resample_dead(d, self.opt, x, y)
+        with torch.no_grad():
+            y_s = y * d.norm_out
+            var = (y_s - y_s.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+            return StepStats(terms.total.item(), terms.l0.item(),
+                             (terms.mse / var).item())
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_dictionaries` returns."""
+
+    dictionaries: dict[Site, SparseDictionary]
+    """The trained dictionaries by site (also saved to disk)."""
+    seconds: float
+    """Wall-clock training time of this call."""
+    tokens: int
+    """Tokens each dictionary trained on in this call."""
+
+
+@torch.no_grad()
+def initialise_from_data(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Set input/output scales (mean squared norm becomes the width) and ``b_dec`` (the mean output)."""
+    d.norm_in.fill_((x.shape[1] ** 0.5) / x.norm(dim=1).mean().clamp(min=1e-8))
+    d.norm_out.fill_((y.shape[1] ** 0.5) / y.norm(dim=1).mean().clamp(min=1e-8))
+    d.b_dec.copy_((y * d.norm_out).mean(0))
+
+
+def _check_finite(batch: dict[str, torch.Tensor], sites: Sequence[Site], step: int, ckpt: Path) -> None:
+    for site in sites:
+        for hook in {site.input_hook, site.output_hook}:
+            if not torch.isfinite(batch[hook]).all():
+                raise DictionaryError(
+                    f"NaN or inf in activations of site {site.id} ({hook}) at step {step}; training stopped. "
+                    f"The last good checkpoint {ckpt} is intact; check the model and the token data"
+                )
+
+
+def train_dictionaries(
+    model: HookedTransformer,
+    sites: Sequence[Site],
+    source: TokenSource,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+) -> TrainResult:
+    """Train one dictionary per site from a shared activation stream; save them to ``out_dir``."""
+    if not sites:
+        raise DictionaryError("no sites to train; pass at least one site")
+    for site in sites:
+        try:
+            site.check_model(model.cfg)
+        except ValueError as err:
+            raise DictionaryError(str(err)) from err
+    out_dir = Path(out_dir)
+    ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
+    hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
+    store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed))
+    dicts: dict[Site, SparseDictionary] = {}
+    for i, site in enumerate(sites):
+        d_in, d_out = site.widths(model.cfg)
+        dcfg = cfg.dictionary_config(site, d_in, d_out, model.cfg.model_name)
+        dicts[site] = build_dictionary(dcfg, seed=cfg.seed * 7919 + i).to(model.cfg.device)
+    steppers = {s: DictionaryStepper(d, lr=cfg.lr, resample_every=cfg.resample_every, ckpt=ckpt_path)
+                for s, d in dicts.items()}
+    opts = {s: st.opt for s, st in steppers.items()}
+    start = 0
+    if ckpt_path.is_file():
+        start = _resume(ckpt_path, dicts, opts, cfg, sites)
+    batches = store.batches(start)
+    bar = tqdm(range(start, cfg.steps), desc=f"train {len(dicts)} dictionaries", initial=start, total=cfg.steps)
+    t0 = time.time()
+    for step in bar:
+        batch = next(batches)
+        _check_finite(batch, sites, step, ckpt_path)
+        if step == 0:
+            for s, d in dicts.items():
+                initialise_from_data(d, batch[s.input_hook], batch[s.output_hook])
+        lr_mult = lr_factor(step, cfg)
+        sparsity_mult = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
+        stats = [steppers[s].step(batch[s.input_hook], batch[s.output_hook], cfg.lr * lr_mult, sparsity_mult, step)
+                 for s in sites]
+        dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)
+        bar.set_postfix(L0=f"{sum(st.l0 for st in stats) / len(stats):.1f}",
+                        FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save_checkpoint(ckpt_path, dicts, opts, cfg, done)
+    for d in dicts.values():
+        d.eval()
+    seconds = time.time() - t0
+    save_dictionaries(dicts, out_dir)
+    if ckpt_path.is_file():
+        ckpt_path.unlink()
+    log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
+    return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
+
+
+def _save_checkpoint(path: Path, dicts, opts, cfg: TrainConfig, step: int) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    optim_meta = {}
+    for s, d in dicts.items():
+        tensors.update({f"{s.id}/dict.{k}": v for k, v in d.state_dict().items()})
+        flat, extra = optimizer_to_flat(opts[s], prefix=f"{s.id}/optim.")
+        tensors.update(flat)
+        optim_meta[s.id] = extra
+    meta = {"step": step, "train_cfg": asdict(cfg), "sites": [s.id for s in dicts], "optim": optim_meta}
+    save_checkpoint(path, tensors, meta)
+
+
+def _resume(path: Path, dicts, opts, cfg: TrainConfig, sites: Sequence[Site]) -> int:
+    try:
+        ck = load_checkpoint(path)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    if ck.meta.get("train_cfg") != asdict(cfg) or ck.meta.get("sites") != [s.id for s in sites]:
+        raise DictionaryError(f"{path} was written by a run with other settings or sites; delete it or rerun with the same flags")
+    for s, d in dicts.items():
+        prefix = f"{s.id}/dict."
+        d.load_state_dict({k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
+        optimizer_from_flat(opts[s], ck.tensors, ck.meta["optim"][s.id], prefix=f"{s.id}/optim.")
+    log.info("resumed %d dictionaries from %s at step %d", len(dicts), path, ck.meta["step"])
+    return int(ck.meta["step"])

@@ -1,0 +1,154 @@
+"""Every architecture: exact equations on hand-set weights, invariants, persistence and bad files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dictionaries.architectures.registry import REGISTRY, build_dictionary, register
+from dictionaries.config import ARCHITECTURES, DictionaryConfig
+from dictionaries.errors import DictionaryError
+from dictionaries.persistence import dictionary_state_equal, load_dictionary, save_dictionary
+from dictionaries.saelens_format import load_saelens, save_saelens
+
+
+def make(arch: str, d_in: int = 8, d_dict: int = 32, d_out: int = 0, skip: bool = False):
+    d = build_dictionary(DictionaryConfig(arch=arch, d_in=d_in, d_dict=d_dict, d_out=d_out, k=4, skip=skip), seed=1)
+    with torch.no_grad():  # make every parameter non-trivial
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        d.norm_in.fill_(1.7)
+        d.norm_out.fill_(0.6)
+    return d
+
+
+def test_relu_equation_on_hand_set_weights() -> None:
+    d = build_dictionary(DictionaryConfig(arch="relu", d_in=2, d_dict=2))
+    with torch.no_grad():
+        d.W_enc.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]]))
+        d.b_enc.copy_(torch.tensor([0.0, -1.0]))
+        d.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+        d.b_dec.copy_(torch.tensor([1.0, 1.0]))
+    x = torch.tensor([[1.0, 1.0]])
+    # pre = [1 + 0.5, -1 + 2 - 1] = [1.5, 0]; latents = [1.5, 0]; out = [3 + 1, 0 + 1]
+    out = d(x)
+    assert torch.equal(out.latents, torch.tensor([[1.5, 0.0]]))
+    assert torch.equal(out.output, torch.tensor([[4.0, 1.0]]))
+    terms = d.training_loss(x, torch.tensor([[4.0, 2.0]]))
+    assert terms.mse.item() == pytest.approx(1.0)
+    assert terms.sparsity.item() == pytest.approx(d.cfg.l1_coeff * 1.5 * 2.0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_is_decode_of_encode(arch: str) -> None:
+    d = make(arch)
+    d.eval()
+    x = torch.randn(16, 8)
+    out = d(x)
+    assert torch.allclose(out.output, d.decode(d.encode(x)), atol=1e-6)
+    assert torch.equal(out.latents, d.encode(x))
+    assert (out.latents >= 0).all()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_transcoder_with_skip(arch: str) -> None:
+    d = make(arch, d_in=8, d_out=6, skip=True)
+    d.eval()
+    x = torch.randn(5, 8)
+    out = d(x)
+    assert out.output.shape == (5, 6)
+    assert torch.allclose(out.output, d.decode(d.encode(x)) + d.skip_term(x), atol=1e-6)
+
+
+def test_topk_keeps_k_and_batchtopk_keeps_k_per_token_on_average() -> None:
+    x = torch.randn(64, 8)
+    topk = make("topk")
+    assert ((topk.encode(x) > 0).sum(-1) <= 4).all()
+    btk = make("batchtopk")
+    btk.train()
+    lat = btk.activation(btk.pre_acts(x * btk.norm_in))
+    assert (lat > 0).sum().item() <= 4 * 64
+    assert btk.threshold.item() > 0
+    btk.eval()
+    pre = btk.pre_acts(x * btk.norm_in)
+    assert torch.equal(btk.encode(x), pre * (pre > btk.threshold))
+
+
+def test_jumprelu_threshold_gets_a_pseudo_gradient() -> None:
+    d = make("jumprelu")
+    x = torch.randn(256, 8)
+    terms = d.training_loss(x, x)
+    terms.total.backward()
+    assert d.log_threshold.grad is not None and d.log_threshold.grad.abs().sum() > 0
+
+
+def test_unit_norm_decoder_is_kept() -> None:
+    d = make("topk")
+    x = torch.randn(32, 8)
+    d.training_loss(x, x).total.backward()
+    d.remove_parallel_gradient()
+    w = d.W_dec.detach() / d.W_dec.detach().norm(dim=1, keepdim=True)
+    assert (d.W_dec.grad * w).sum(1).abs().max() < 1e-5
+    d.constrain_decoder()
+    assert torch.allclose(d.W_dec.norm(dim=1), torch.ones(d.cfg.d_dict), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_load_round_trip(arch: str, tmp_path) -> None:
+    d = make(arch, skip=arch == "relu", d_out=6 if arch == "relu" else 0)
+    save_dictionary(d, tmp_path / "x")
+    e = load_dictionary(tmp_path / "x")
+    assert dictionary_state_equal(d, e)
+    assert e.cfg == d.cfg
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "gated", "batchtopk"])
+def test_saelens_round_trip_gives_same_outputs(arch: str, tmp_path) -> None:
+    d = make(arch)
+    d.eval()
+    save_saelens(d, tmp_path / "sl", hook_name="blocks.0.hook_resid_post")
+    e = load_saelens(tmp_path / "sl")
+    x = torch.randn(20, 8)
+    assert torch.allclose(d(x).output, e(x).output, atol=1e-5)
+    assert torch.allclose(d.encode(x), e.encode(x), atol=1e-5)
+
+
+def test_saelens_apply_b_dec_to_input_is_folded(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    W_enc, W_dec = torch.randn(4, 6, generator=g), torch.randn(6, 4, generator=g)
+    b_enc, b_dec = torch.randn(6, generator=g), torch.randn(4, generator=g)
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 6,
+                                                  "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors"))
+    d = load_saelens(tmp_path)
+    x = torch.randn(3, 4, generator=g)
+    expected = torch.relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec
+    assert torch.allclose(d(x).output, expected, atol=1e-5)
+
+
+def test_bad_files_are_clear_errors(tmp_path) -> None:
+    d = make("topk")
+    folder = save_dictionary(d, tmp_path / "x")
+    w = folder / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    with pytest.raises(DictionaryError, match="corrupt or truncated"):
+        load_dictionary(folder)
+    save_dictionary(make("topk", d_dict=16), tmp_path / "y")
+    (tmp_path / "y" / "cfg.json").write_text((folder / "cfg.json").read_text())  # d_dict 32 config, 16-wide weights
+    with pytest.raises(DictionaryError, match="does not match"):
+        load_dictionary(tmp_path / "y")
+    with pytest.raises(DictionaryError, match="not a dictionary folder"):
+        load_dictionary(tmp_path / "missing")
+
+
+def test_registry_and_config_reject_bad_names() -> None:
+    with pytest.raises(ValueError, match="unknown architecture 'bogus'"):
+        DictionaryConfig(arch="bogus", d_in=4, d_dict=8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already registered"):
+        register("topk", REGISTRY["topk"])
+    with pytest.raises(ValueError, match="k=40"):
+        DictionaryConfig(arch="topk", d_in=4, d_dict=8, k=40)

@@ -9,10 +9,14 @@ so training step ``s`` always sees the same batch: runs are deterministic and re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
 from dictionaries.token_sources import TokenSource
@@ -30,6 +34,9 @@ class StoreConfig:
     """Sequences per model forward pass."""
     seed: int = 0
     """Shuffle seed."""
+    cache_dir: str = ""
+    """If set, each chunk's activations are saved there as a safetensors shard on first use and
+    read back afterwards (a second run, or a resumed one, skips the model)."""
 
     def __post_init__(self) -> None:
         if min(self.batch_tokens, self.chunk_sequences, self.model_batch) <= 0:
@@ -74,8 +81,31 @@ class ActivationStore:
             self.model(tokens.to(device), stop_at_layer=self.stop_at)
         return captured
 
+    def _shard_meta(self, index: int) -> dict[str, str]:
+        return {"hooks": ",".join(self.hooks), "chunk": str(index), "seed": str(self.cfg.seed),
+                "chunk_sequences": str(self.cfg.chunk_sequences), "seq_len": str(self.source.seq_len)}
+
     def chunk(self, index: int) -> dict[str, torch.Tensor]:
-        """All (shuffled) activations of chunk ``index``."""
+        """All (shuffled) activations of chunk ``index`` (from the on-disk cache when present)."""
+        if not self.cfg.cache_dir:
+            return self._compute_chunk(index)
+        path = Path(self.cfg.cache_dir) / f"chunk_{index:06d}.safetensors"
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta == self._shard_meta(index):
+                        return {h: f.get_tensor(h) for h in self.hooks}
+            except (SafetensorError, OSError):
+                pass  # a torn or foreign shard is recomputed and overwritten
+        acts = self._compute_chunk(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({h: a.contiguous().cpu() for h, a in acts.items()}, str(tmp), metadata=self._shard_meta(index))
+        os.replace(tmp, path)
+        return acts
+
+    def _compute_chunk(self, index: int) -> dict[str, torch.Tensor]:
         cs, mb = self.cfg.chunk_sequences, self.cfg.model_batch
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
         for start in range(0, cs, mb):

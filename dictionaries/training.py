@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from dictionaries import distributed
 from dictionaries.activations import ActivationStore, StoreConfig
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
@@ -72,6 +73,8 @@ class TrainConfig:
     """Sequences per shuffled activation chunk."""
     model_batch: int = 64
     """Sequences per model forward."""
+    activation_cache: str = ""
+    """Folder for an on-disk activation cache (safetensors shards); empty disables it."""
     seed: int = 0
     """Seed of initialisation and data order."""
     checkpoint_every: int = 100
@@ -133,13 +136,14 @@ class DictionaryStepper:
                 f"lower the learning rate. The last good checkpoint {self.ckpt} is intact"
             )
         terms.total.backward()
+        distributed.average_gradients(d)
         d.remove_parallel_gradient()
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         d.constrain_decoder()
-        d.update_firing(terms.fired, x.shape[0])
+        d.update_firing(distributed.any_across_ranks(terms.fired), x.shape[0] * distributed.world()[1])
         if self.resample_every and (step + 1) % self.resample_every == 0 and d.cfg.arch in ("relu", "gated"):
             resample_dead(d, self.opt, x, y)
         with torch.no_grad():
@@ -197,7 +201,8 @@ def train_dictionaries(
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
     hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
-    store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed))
+    store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed,
+                                                              cfg.activation_cache))
     dicts: dict[Site, SparseDictionary] = {}
     for i, site in enumerate(sites):
         d_in, d_out = site.widths(model.cfg)
@@ -210,7 +215,8 @@ def train_dictionaries(
     if ckpt_path.is_file():
         start = _resume(ckpt_path, dicts, opts, cfg, sites)
     batches = store.batches(start)
-    bar = tqdm(range(start, cfg.steps), desc=f"train {len(dicts)} dictionaries", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=f"train {len(dicts)} dictionaries", initial=start, total=cfg.steps,
+               disable=not distributed.is_main())
     t0 = time.time()
     for step in bar:
         batch = next(batches)
@@ -220,20 +226,23 @@ def train_dictionaries(
                 initialise_from_data(d, batch[s.input_hook], batch[s.output_hook])
         lr_mult = lr_factor(step, cfg)
         sparsity_mult = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
-        stats = [steppers[s].step(batch[s.input_hook], batch[s.output_hook], cfg.lr * lr_mult, sparsity_mult, step)
+        stats = [steppers[s].step(distributed.shard_rows(batch[s.input_hook]), distributed.shard_rows(batch[s.output_hook]),
+                                  cfg.lr * lr_mult, sparsity_mult, step)
                  for s in sites]
         dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)
         bar.set_postfix(L0=f"{sum(st.l0 for st in stats) / len(stats):.1f}",
                         FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%")
         done = step + 1
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps and distributed.is_main():
             _save_checkpoint(ckpt_path, dicts, opts, cfg, done)
     for d in dicts.values():
         d.eval()
     seconds = time.time() - t0
-    save_dictionaries(dicts, out_dir)
-    if ckpt_path.is_file():
-        ckpt_path.unlink()
+    if distributed.is_main():
+        save_dictionaries(dicts, out_dir)
+        if ckpt_path.is_file():
+            ckpt_path.unlink()
+    distributed.barrier()
     log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
     return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
 

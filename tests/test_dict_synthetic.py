@@ -53,3 +53,21 @@ def test_every_architecture_learns_a_sparse_faithful_code(arch: str, kw: dict) -
     assert fvu < 0.25
     assert l0 < 24  # far sparser than the 128 latents
     assert mmcs(features, d.W_dec.detach()) > 0.8
+
+
+def test_fista_codes_are_sparse_and_close_to_the_optimum() -> None:
+    from dictionaries.fista import fista_encode
+
+    d, features, sample = fit("topk", 300, k=4)
+    x = sample(512)
+    res = fista_encode(d, x, l1=0.05, iters=300)
+    assert (res.latents >= 0).all()
+    fvu = ((res.output - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.05
+    # objective at the FISTA solution is no worse than at the encoder's codes
+    def objective(z):
+        r = x * d.norm_out - (z @ d.W_dec + d.b_dec)
+        return (0.5 * r.pow(2).sum(-1) + 0.05 * z.sum(-1)).mean().item()
+
+    with torch.no_grad():
+        assert objective(res.latents) <= objective(d.encode(x)) + 1e-6

@@ -136,3 +136,23 @@ def test_dimension_mismatch_on_load(default_model, tmp_path) -> None:
     with pytest.raises(DictionaryError, match="widths"):
         check_against_model(dicts, small)
     assert torch.isfinite(dicts[Site(0, "resid_post")].W_dec).all()
+
+
+def test_activation_cache_gives_identical_training(default_model, tmp_path, monkeypatch) -> None:
+    from dataclasses import replace
+
+    cached = replace(SMALL, activation_cache=str(tmp_path / "cache"))
+    first = train_dictionaries(default_model, SITES[:2], corpus(), cached, tmp_path / "a").dictionaries
+    shards = sorted((tmp_path / "cache").glob("chunk_*.safetensors"))
+    assert len(shards) == 4
+    calls = []
+    handle = default_model.hook_embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        second = train_dictionaries(default_model, SITES[:2], corpus(), cached, tmp_path / "b").dictionaries
+    finally:
+        handle.remove()
+    assert calls == []  # every chunk came from disk
+    plain = train_dictionaries(default_model, SITES[:2], corpus(), SMALL, tmp_path / "c").dictionaries
+    for site in SITES[:2]:
+        assert dictionary_state_equal(first[site], second[site])
+        assert dictionary_state_equal(first[site], plain[site])

@@ -1,4 +1,8 @@
-"""``circuitgraph demo``: the main job on the embedded default model."""
+"""``circuitgraph demo``: the main job on the embedded default model.
+
+Evaluates the model on its four tasks (held-out prompts) and, when the committed dictionaries
+are present, reports their L0 / FVU / CE-loss recovered on held-out text.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import time
 
 from circuitgraph.models import resolve_model
+from circuitgraph.models.loading import DEFAULT_DICTS_DIR
 from circuitgraph.tasks.evaluate import evaluate_tasks
 
 
@@ -14,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job on the embedded default model")
     p.add_argument("--model", default="default")
     p.add_argument("--n", type=int, default=200, help="prompts per task")
+    p.add_argument("--dict-seqs", type=int, default=16, help="held-out sequences for the dictionary metrics")
     p.set_defaults(func=run)
 
 
@@ -23,8 +29,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
           f"{model.cfg.n_heads} heads, vocab {model.cfg.d_vocab})")
     results = evaluate_tasks(model, n=args.n)
+    print("tasks (held-out prompts):")
     for name, summary in results.items():
         print(f"  {name:14s} " + "  ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+    if args.model == "default" and DEFAULT_DICTS_DIR.is_dir():
+        from circuitgraph.cli.dicts_cmd import EVAL_SEED
+        from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+        from dictionaries.metrics import evaluate_dictionaries
+        from dictionaries.persistence import load_dictionaries
+
+        dicts = load_dictionaries(DEFAULT_DICTS_DIR)
+        tokens = ToyCorpus(CorpusConfig(seed=EVAL_SEED)).tokens(args.dict_seqs)
+        metrics = evaluate_dictionaries(model, dicts, tokens)
+        print(f"committed dictionaries ({len(dicts)}, {next(iter(dicts.values())).cfg.arch}):")
+        for site, m in sorted(metrics.items()):
+            print(f"  {site.id:16s} L0={m.l0:5.1f}  FVU={m.fvu:.3f}  dead={m.dead_frac:.3f}  CE_recovered={m.ce_recovered:.3f}")
+        results["dictionaries"] = {s.id: m.summary() for s, m in sorted(metrics.items())}
     print(json.dumps(results))
     print(f"done in {time.time() - t0:.1f} s")
     return 0

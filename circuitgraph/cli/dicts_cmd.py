@@ -10,6 +10,7 @@ from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_fl
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.models import resolve_model
 from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+from dictionaries import distributed
 from dictionaries.errors import DictionaryError
 from dictionaries.metrics import evaluate_dictionaries
 from dictionaries.persistence import check_against_model, load_dictionaries
@@ -73,7 +74,10 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise DictionaryError(str(err)) from err
     source = token_source(args, model, seed=cfg.seed + 1)
+    distributed.maybe_init(args.device)  # under torchrun: join the process group (gloo on CPU)
     result = train_dictionaries(model, sites, source, cfg, args.out)
+    if not distributed.is_main():
+        return 0
     print(json.dumps({"dictionaries": len(result.dictionaries), "seconds": round(result.seconds, 1),
                       "tokens_per_dictionary": result.tokens, "out": args.out}))
     return 0

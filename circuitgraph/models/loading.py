@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 """Where the committed default model lives (written by ``circuitgraph train-toy-model``)."""
+DEFAULT_DICTS_DIR = Path(__file__).parent / "default_dicts"
+"""Committed dictionaries of the default model (written by ``circuitgraph train-dictionaries``)."""
 
 
 def load_default(device: str = "cpu") -> HookedTransformer:

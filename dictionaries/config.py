@@ -38,9 +38,9 @@ class DictionaryConfig:
     """Initial JumpReLU threshold."""
     aux_k: int = 0
     """Dead latents used by the AuxK loss (``topk``/``batchtopk``); 0 means ``d_in // 2``."""
-    aux_coeff: float = 1 / 32
+    aux_coeff: float = 1.0
     """Weight of the AuxK loss."""
-    dead_after_tokens: int = 200_000
+    dead_after_tokens: int = 100_000
     """A latent that has not fired for this many training tokens counts as dead (AuxK, resampling)."""
     skip: bool = False
     """Add a linear skip connection ``x @ W_skip`` (transcoders)."""

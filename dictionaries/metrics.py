@@ -76,12 +76,36 @@ def _ce_and_logprobs(model: HookedTransformer, tokens: torch.Tensor, hooks) -> t
 
 
 @torch.no_grad()
+def firing_density(
+    model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], tokens: torch.Tensor, batch: int = 64
+) -> dict[Site, torch.Tensor]:
+    """``{site: [d_dict]}`` fraction of tokens on which each latent fires, streamed over ``tokens``
+    (one model pass per batch serves every dictionary; nothing is held but the counts)."""
+    hooks = sorted({s.input_hook for s in dicts})
+    store = ActivationStore(model, hooks, TensorTokens(tokens))
+    counts = {s: torch.zeros(d.cfg.d_dict) for s, d in dicts.items()}
+    n = 0
+    for i in range(0, tokens.shape[0], batch):
+        acts = store.activations(tokens[i : i + batch])
+        for s, d in dicts.items():
+            counts[s] += (d.encode(acts[s.input_hook]) > 0).sum(0).float().cpu()
+        n += next(iter(acts.values())).shape[0]
+    return {s: c / max(n, 1) for s, c in counts.items()}
+
+
+@torch.no_grad()
 def evaluate_dictionaries(
-    model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], tokens: torch.Tensor, batch: int = 32
+    model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], tokens: torch.Tensor, batch: int = 32,
+    density_tokens: torch.Tensor | None = None,
 ) -> dict[Site, DictionaryMetrics]:
-    """Metrics of every dictionary on ``[n_seq, seq_len]`` evaluation tokens (BOS first)."""
+    """Metrics of every dictionary on ``[n_seq, seq_len]`` evaluation tokens (BOS first).
+
+    Dead and dense fractions come from ``density_tokens`` when given (use many more tokens than
+    for the CE metrics: a latent firing once in 50k tokens is rare, not dead), else from ``tokens``.
+    """
     hooks = sorted({h for s in dicts for h in (s.input_hook, s.output_hook)})
     store = ActivationStore(model, hooks, TensorTokens(tokens))
+    densities = firing_density(model, dicts, density_tokens) if density_tokens is not None else {}
     acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     for i in range(0, tokens.shape[0], batch):
         for h, a in store.activations(tokens[i : i + batch]).items():
@@ -100,7 +124,7 @@ def evaluate_dictionaries(
             kl += (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean().item()
             ce_c, ce_s, ce_z, n_batches = ce_c + c, ce_s + s, ce_z + z, n_batches + 1
         ce_c, ce_s, ce_z, kl = (v / n_batches for v in (ce_c, ce_s, ce_z, kl))
-        density = stats["density"]
+        density = densities.get(site, stats["density"])
         results[site] = DictionaryMetrics(
             l0=float(stats["l0"]), mse=float(stats["mse"]), fvu=float(stats["fvu"]),
             dead_frac=float((density == 0).float().mean()), dense_frac=float((density > DENSE_THRESHOLD).float().mean()),

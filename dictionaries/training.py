@@ -51,9 +51,9 @@ class TrainConfig:
     """L0 coefficient (jumprelu)."""
     sparsity_warmup_frac: float = 0.05
     """Fraction of steps over which the L1/L0 coefficient ramps up from 0."""
-    aux_coeff: float = 1 / 32
+    aux_coeff: float = 1.0
     """AuxK loss weight (topk, batchtopk)."""
-    dead_after_tokens: int = 200_000
+    dead_after_tokens: int = 100_000
     """Tokens without firing after which a latent counts as dead."""
     transcoder_skip: bool = False
     """Give transcoders a linear skip connection."""

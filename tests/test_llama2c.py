@@ -131,3 +131,14 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path) -> None:
         load_llama2c(bad)
     with pytest.raises(ModelLoadError, match="not found"):
         load_llama2c(tmp_path / "missing.bin")
+
+
+def test_model_flag_resolves_a_llama2c_checkpoint() -> None:
+    from circuitgraph.models import resolve_model
+
+    model = resolve_model(str(MODEL))  # tokenizer found beside it (tok512.bin)
+    assert model.cfg.n_layers == 5 and model.tokenizer is not None
+    explicit = resolve_model(f"{MODEL}:{TOKENIZER}")
+    toks = model.to_tokens("Once upon a time")
+    with torch.no_grad():
+        assert torch.equal(model(toks), explicit(toks))

@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
         from dictionaries.persistence import load_dictionaries
 
         dicts = load_dictionaries(DEFAULT_DICTS_DIR)
-        tokens = ToyCorpus(CorpusConfig(seed=EVAL_SEED)).tokens(args.dict_seqs)
-        metrics = evaluate_dictionaries(model, dicts, tokens)
-        print(f"committed dictionaries ({len(dicts)}, {next(iter(dicts.values())).cfg.arch}):")
+        corpus = ToyCorpus(CorpusConfig(seed=EVAL_SEED))
+        tokens = corpus.tokens(args.dict_seqs)
+        metrics = evaluate_dictionaries(model, dicts, tokens, density_tokens=corpus.tokens(500, offset=args.dict_seqs))
+        print(f"committed dictionaries ({len(dicts)}, {next(iter(dicts.values())).cfg.arch}; dead fraction over 63k tokens):")
         for site, m in sorted(metrics.items()):
             print(f"  {site.id:16s} L0={m.l0:5.1f}  FVU={m.fvu:.3f}  dead={m.dead_frac:.3f}  CE_recovered={m.ce_recovered:.3f}")
         results["dictionaries"] = {s.id: m.summary() for s, m in sorted(metrics.items())}

@@ -12,7 +12,7 @@ from circuitgraph.models import resolve_model
 from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
 from dictionaries import distributed
 from dictionaries.errors import DictionaryError
-from dictionaries.metrics import evaluate_dictionaries
+from dictionaries.metrics import evaluate_dictionaries, mmcs
 from dictionaries.persistence import check_against_model, load_dictionaries
 from dictionaries.site import expand_sites
 from dictionaries.token_sources import TokenSource, tensor_file_tokens, text_file_tokens
@@ -41,12 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = dsub.add_parser("eval", help="L0, FVU, dead fraction, CE loss recovered and KL per dictionary")
     ev.add_argument("--model", default="default")
     ev.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
-    ev.add_argument("--n-seq", type=int, default=64, help="evaluation sequences")
+    ev.add_argument("--n-seq", type=int, default=64, help="evaluation sequences for FVU and the CE metrics")
+    ev.add_argument("--density-seqs", type=int, default=2000,
+                    help="sequences over which firing densities (dead / dense fractions) are counted")
     ev.add_argument("--text", default=None, help="evaluate on this text file instead of held-out toy-corpus text")
     ev.add_argument("--seq-len", type=int, default=128)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
+    mm = dsub.add_parser("mmcs", help="mean max cosine similarity between the decoders of two dictionary sets")
+    mm.add_argument("a", help="first dictionary folder (e.g. seed 0)")
+    mm.add_argument("b", help="second dictionary folder (e.g. seed 1 or another width)")
+    mm.add_argument("--json", action="store_true")
+    mm.set_defaults(func=run_mmcs)
 
 
 def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
@@ -89,8 +96,10 @@ def run_eval(args: argparse.Namespace) -> int:
     check_against_model(dicts, model.cfg)
     if args.n_seq <= 0:
         raise DictionaryError(f"--n-seq {args.n_seq}: evaluate on at least one sequence")
-    tokens = token_source(args, model, seed=EVAL_SEED).sequences(0, args.n_seq)
-    metrics = evaluate_dictionaries(model, dicts, tokens)
+    source = token_source(args, model, seed=EVAL_SEED)
+    tokens = source.sequences(0, args.n_seq)
+    density_tokens = source.sequences(args.n_seq, args.density_seqs) if args.density_seqs > 0 else None
+    metrics = evaluate_dictionaries(model, dicts, tokens, density_tokens=density_tokens)
     out = {site.id: m.summary() for site, m in sorted(metrics.items())}
     if args.json:
         print(json.dumps(out))
@@ -98,4 +107,14 @@ def run_eval(args: argparse.Namespace) -> int:
         for sid, m in out.items():
             print(f"{sid:18s} L0={m['l0']:6.1f} FVU={m['fvu']:.3f} dead={m['dead_frac']:.3f} "
                   f"CE_rec={m['ce_recovered']:.3f} KL={m['kl']:.4f}")
+    return 0
+
+
+def run_mmcs(args: argparse.Namespace) -> int:
+    a, b = load_dictionaries(args.a), load_dictionaries(args.b)
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise DictionaryError(f"{args.a} and {args.b} share no site; MMCS compares dictionaries of the same site")
+    out = {s.id: round(mmcs(a[s].decoder_directions().detach(), b[s].decoder_directions().detach()), 4) for s in common}
+    print(json.dumps(out) if args.json else "\n".join(f"{k:18s} MMCS={v:.4f}" for k, v in out.items()))
     return 0

@@ -95,7 +95,9 @@ class ToyCorpus:
         if rng.random() < self.cfg.p_induction_doc:
             lo, hi = self.cfg.induction_span
             span = "".join(tp.random_span(rng, rng.randint(lo, hi)))
-            slots = sorted(rng.sample(range(min(len(parts), 8)), rng.randint(2, 3)))
+            n_slots = min(len(parts), 8)
+            n_copies = rng.randint(2, 3)
+            slots = sorted(rng.sample(range(n_slots), min(n_copies, n_slots)))
             for k, slot in enumerate(slots):
                 parts.insert(slot + k, span)
             return "".join(parts)

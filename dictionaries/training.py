@@ -26,6 +26,7 @@ from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
 from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from dictionaries.config import Architecture, DictionaryConfig
+from dictionaries.determinism import deterministic
 from dictionaries.errors import DictionaryError
 from dictionaries.persistence import save_dictionaries
 from dictionaries.resampling import resample_dead
@@ -182,6 +183,7 @@ def _check_finite(batch: dict[str, torch.Tensor], sites: Sequence[Site], step: i
                 )
 
 
+@deterministic()
 def train_dictionaries(
     model: HookedTransformer,
     sites: Sequence[Site],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dictionaries.architectures.registry import REGISTRY, build_dictionary, register
 from dictionaries.config import ARCHITECTURES, DictionaryConfig
@@ -152,3 +153,30 @@ def test_registry_and_config_reject_bad_names() -> None:
         register("topk", REGISTRY["topk"])
     with pytest.raises(ValueError, match="k=40"):
         DictionaryConfig(arch="topk", d_in=4, d_dict=8, k=40)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_resampling_revives_dead_latents(arch: str) -> None:
+    from dictionaries.resampling import resample_dead
+
+    d = make(arch)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+    x = torch.randn(64, 8)
+    d.training_loss(x, x).total.backward()
+    opt.step()
+    dead = torch.tensor([0, 5, 7])
+    d.tokens_since_fired[dead] = d.cfg.dead_after_tokens
+    before = d.W_dec.detach().clone()
+    with torch.no_grad():
+        err = x * d.norm_out - d(x).output * d.norm_out  # what the dictionary gets wrong, scaled space
+    n = resample_dead(d, opt, x, x, generator=torch.Generator().manual_seed(0))
+    assert n == 3
+    assert torch.allclose(d.W_dec[dead].norm(dim=1), torch.ones(3), atol=1e-5)  # unit error directions
+    alive = torch.ones(d.cfg.d_dict, dtype=torch.bool)
+    alive[dead] = False
+    assert torch.equal(d.W_dec[alive], before[alive])  # live latents untouched
+    assert (d.b_enc[dead] == 0).all() and (d.tokens_since_fired[dead] == 0).all()
+    assert (opt.state[d.W_dec]["exp_avg"][dead] == 0).all()
+    # each new decoder row is the direction of one input's reconstruction error
+    cos = F.normalize(err, dim=1) @ d.W_dec.detach()[dead].T
+    assert cos.max(0).values.min() > 0.999

@@ -67,3 +67,12 @@ def test_loss_decreases(tmp_path) -> None:
         before = untrained(held, return_type="loss").item()
         after = model(held, return_type="loss").item()
     assert after < before - 1.5
+
+
+def test_same_seed_gives_bit_identical_weights(tmp_path) -> None:
+    # 32 x 128 tokens per step: large enough that the embedding backward runs multi-threaded
+    cfg_m = ToyModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64, n_ctx=128)
+    cfg_t = ToyTrainConfig(steps=3, batch_size=32, warmup=1, checkpoint_every=100)
+    a = train_toy_model(tmp_path / "a", cfg_m, cfg_t).state_dict()
+    b = train_toy_model(tmp_path / "b", cfg_m, cfg_t).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

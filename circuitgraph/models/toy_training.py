@@ -27,6 +27,7 @@ from dictionaries.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
+from dictionaries.determinism import deterministic
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def _lr_factor(step: int, cfg: ToyTrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@deterministic()
 def train_toy_model(
     out_dir: str | Path,
     model_cfg: ToyModelConfig = ToyModelConfig(),

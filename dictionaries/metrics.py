@@ -111,19 +111,27 @@ def evaluate_dictionaries(
         for h, a in store.activations(tokens[i : i + batch]).items():
             acts[h].append(a)
     cat = {h: torch.cat(v) for h, v in acts.items()}
+    # one clean pass per batch and one zero-ablation per output hook, shared by every dictionary
+    sums = {site: {"spliced": 0.0, "kl": 0.0} for site in dicts}
+    zero_sites = {s.output_hook: s for s in dicts}  # zero-ablating a site touches only its output hook
+    ce_clean, ce_zero = 0.0, {hook: 0.0 for hook in zero_sites}
+    n_batches = 0
+    for i in range(0, tokens.shape[0], batch):
+        tb = tokens[i : i + batch]
+        c, lp_clean = _ce_and_logprobs(model, tb, [])
+        ce_clean += c
+        for hook, zsite in zero_sites.items():
+            ce_zero[hook] += _ce_and_logprobs(model, tb, splice_hooks(zsite, None, "zero"))[0]
+        for site, d in dicts.items():
+            s_ce, lp_spliced = _ce_and_logprobs(model, tb, splice_hooks(site, d, "reconstruct"))
+            sums[site]["spliced"] += s_ce
+            sums[site]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean().item()
+        n_batches += 1
     results: dict[Site, DictionaryMetrics] = {}
     for site, d in dicts.items():
         stats = reconstruction_stats(d, cat[site.input_hook], cat[site.output_hook])
-        ce_c = ce_s = ce_z = kl = 0.0
-        n_batches = 0
-        for i in range(0, tokens.shape[0], batch):
-            tb = tokens[i : i + batch]
-            c, lp_clean = _ce_and_logprobs(model, tb, [])
-            s, lp_spliced = _ce_and_logprobs(model, tb, splice_hooks(site, d, "reconstruct"))
-            z, _ = _ce_and_logprobs(model, tb, splice_hooks(site, None, "zero"))
-            kl += (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean().item()
-            ce_c, ce_s, ce_z, n_batches = ce_c + c, ce_s + s, ce_z + z, n_batches + 1
-        ce_c, ce_s, ce_z, kl = (v / n_batches for v in (ce_c, ce_s, ce_z, kl))
+        ce_c, ce_s = ce_clean / n_batches, sums[site]["spliced"] / n_batches
+        ce_z, kl = ce_zero[site.output_hook] / n_batches, sums[site]["kl"] / n_batches
         density = densities.get(site, stats["density"])
         results[site] = DictionaryMetrics(
             l0=float(stats["l0"]), mse=float(stats["mse"]), fvu=float(stats["fvu"]),

@@ -142,3 +142,13 @@ def test_model_flag_resolves_a_llama2c_checkpoint() -> None:
     toks = model.to_tokens("Once upon a time")
     with torch.no_grad():
         assert torch.equal(model(toks), explicit(toks))
+
+
+def test_dictionaries_on_a_real_model_need_text(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "circuitgraph", "train-dictionaries", "--model", str(MODEL),
+                          "--out", str(tmp_path), "--tokens", "8k"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "give training text with --text FILE" in out.stderr
+    assert "Traceback" not in out.stderr

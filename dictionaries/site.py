@@ -129,3 +129,70 @@ def expand_sites(kinds: str, layers: str, n_layers: int) -> list[Site]:
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range; the model has layers 0..{n_layers - 1}")
     return [Site(layer, kind) for layer in idx for kind in names]  # type: ignore[arg-type]
+
+
+class ModelHooks:
+    """The other TransformerLens hook names the graph engine needs (splicing, freezing, components).
+
+    Kept beside :class:`Site` so that hook strings are built in this one module.
+    """
+
+    embed = "hook_embed"
+    pos_embed = "hook_pos_embed"
+    final_scale = "ln_final.hook_scale"
+
+    @staticmethod
+    def pattern(layer: int) -> str:
+        """Attention pattern ``[B, H, Pq, Pk]``."""
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    @staticmethod
+    def ln_scale(layer: int, which: Literal["ln1", "ln2"]) -> str:
+        """Normalisation scale of ``ln1`` (attention input) or ``ln2`` (MLP input)."""
+        return f"blocks.{layer}.{which}.hook_scale"
+
+    @staticmethod
+    def mlp_pre(layer: int) -> str:
+        """MLP pre-activation (the gate input for gated MLPs)."""
+        return f"blocks.{layer}.mlp.hook_pre"
+
+    @staticmethod
+    def mlp_pre_linear(layer: int) -> str:
+        """The linear branch of a gated MLP."""
+        return f"blocks.{layer}.mlp.hook_pre_linear"
+
+    @staticmethod
+    def mlp_post(layer: int) -> str:
+        """MLP neuron activations."""
+        return f"blocks.{layer}.mlp.hook_post"
+
+    @staticmethod
+    def z(layer: int) -> str:
+        """Per-head attention values mixed by the pattern ``[B, P, H, d_head]``."""
+        return f"blocks.{layer}.attn.hook_z"
+
+    @staticmethod
+    def attn_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_attn_out"
+
+    @staticmethod
+    def mlp_out(layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def resid_pre(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def resid_post(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    @staticmethod
+    def qkv_input(layer: int, which: Literal["q", "k", "v"]) -> str:
+        """Per-head attention inputs ``[B, P, H, d_model]`` (needs ``cfg.use_split_qkv_input``)."""
+        return f"blocks.{layer}.hook_{which}_input"
+
+    @staticmethod
+    def mlp_in(layer: int) -> str:
+        """MLP input residual (needs ``cfg.use_hook_mlp_in``)."""
+        return f"blocks.{layer}.hook_mlp_in"

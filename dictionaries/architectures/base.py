@@ -91,6 +91,11 @@ class SparseDictionary(nn.Module, abc.ABC):
         """``[N, d_in]`` activations in model units -> ``[N, d_dict]`` latents."""
         return self.activation(self.pre_acts(x * self.norm_in))
 
+    def active_value(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, d_in]`` model-unit inputs -> ``[N, d_dict]`` affine pre-activations that equal each
+        latent wherever it is active (the quantity a circuit graph attributes). Default: ``pre_acts``."""
+        return self.pre_acts(x * self.norm_in)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, d_dict]`` latents -> ``[N, d_out]`` in model units (without the skip term)."""
         return (latents @ self.W_dec + self.b_dec) / self.norm_out

@@ -31,6 +31,11 @@ class GatedDictionary(SparseDictionary):
         pi_mag = (pre - self.b_enc) * self.r_mag.exp() + self.b_mag
         return (pre > 0).to(pre.dtype) * torch.relu(pi_mag)
 
+    def active_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The magnitude path ``pi_mag`` (what an active latent equals)."""
+        pre = self.pre_acts(x * self.norm_in)
+        return (pre - self.b_enc) * self.r_mag.exp() + self.b_mag
+
     def sparsity_loss(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return self.cfg.l1_coeff * (torch.relu(pre) * self.W_dec.norm(dim=1)).sum(-1).mean()
 

@@ -1,0 +1,180 @@
+"""The graph container: a node table, a sparse edge list and metadata.
+
+Edges are stored as three flat tensors (``sources``, ``targets``, ``weights``; never a dense N x N
+matrix). ``weights[e]`` is the contribution of ``sources[e]`` to ``targets[e]``: for a prompt graph,
+the source's direct effect on the target's pre-activation under frozen attention and normalisation;
+for a dataset graph, the attribution score of the edge. On disk a graph is a folder with
+``graph.json`` (nodes, labels, metadata) and ``graph.safetensors`` (the tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.graph.nodes import Node, parse_node_id
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Graph:
+    """Nodes, edges and metadata of one attribution graph or circuit."""
+
+    nodes: list[Node]
+    """The node table; a node's index is its position here."""
+    activation: torch.Tensor
+    """``[N]`` node values (feature latent, mean-centred logit, metric value; 0 where undefined)."""
+    sources: torch.Tensor
+    """``[E]`` int64 source node index of each edge."""
+    targets: torch.Tensor
+    """``[E]`` int64 target node index of each edge."""
+    weights: torch.Tensor
+    """``[E]`` float edge weights."""
+    target_weights: torch.Tensor
+    """``[N]`` how much each node counts as an output when computing influence (logit probabilities,
+    1 for a metric node, 0 elsewhere)."""
+    labels: list[str] = field(default_factory=list)
+    """Human-readable label per node (token text, feature description); may be empty strings."""
+    bias: torch.Tensor | None = None
+    """``[N]`` for prompt graphs: the part of each target's value that comes from no node (biases),
+    so incoming edges + bias = activation. ``nan`` where not a target."""
+    node_scores: torch.Tensor | None = None
+    """``[N]`` for dataset graphs: each node's attribution score (total effect on the metric)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """JSON-able: prompts, model, dictionaries, method, thresholds, scores."""
+
+    def __post_init__(self) -> None:
+        n = len(self.nodes)
+        if not self.labels:
+            self.labels = [""] * n
+        if len(self.labels) != n or self.activation.shape != (n,) or self.target_weights.shape != (n,):
+            raise CircuitGraphError("graph tables disagree in length; the graph is corrupt")
+        if not (self.sources.shape == self.targets.shape == self.weights.shape):
+            raise CircuitGraphError("graph edge tensors disagree in length; the graph is corrupt")
+        if self.sources.numel() and (int(self.sources.max()) >= n or int(self.targets.max()) >= n):
+            raise CircuitGraphError("graph edges point past the node table; the graph is corrupt")
+        self._index = {node.id: i for i, node in enumerate(self.nodes)}
+
+    # --- lookup --------------------------------------------------------------------------
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.sources.numel())
+
+    def index(self, node_id: str) -> int:
+        """The index of ``node_id``, or a clear error saying what ids exist."""
+        if node_id in self._index:
+            return self._index[node_id]
+        parse_node_id(node_id)  # a malformed id gets the parse error
+        near = [i for i in self._index if i.split("@")[0] == node_id.split("@")[0]][:5]
+        hint = f"; ids with that prefix: {', '.join(near)}" if near else ""
+        raise CircuitGraphError(f"node {node_id!r} is not in this graph ({self.n_nodes} nodes){hint}")
+
+    def node(self, node_id: str) -> Node:
+        return self.nodes[self.index(node_id)]
+
+    def adjacency(self) -> torch.Tensor:
+        """``[N, N]`` sparse CSR with ``A[target, source] = weight`` (rows are targets)."""
+        n = self.n_nodes
+        coo = torch.sparse_coo_tensor(torch.stack([self.targets, self.sources]), self.weights, (n, n))
+        return coo.coalesce().to_sparse_csr()
+
+    # --- derived graphs ------------------------------------------------------------------
+    def subgraph(self, keep_nodes: torch.Tensor, keep_edges: torch.Tensor | None = None) -> Graph:
+        """The graph restricted to nodes where ``keep_nodes`` (``[N]`` bool) and, optionally, edges
+        where ``keep_edges`` (``[E]`` bool); edges touching a dropped node are dropped."""
+        keep_nodes = keep_nodes.bool()
+        new_index = torch.full((self.n_nodes,), -1, dtype=torch.long)
+        new_index[keep_nodes] = torch.arange(int(keep_nodes.sum()))
+        e = keep_nodes[self.sources] & keep_nodes[self.targets]
+        if keep_edges is not None:
+            e &= keep_edges.bool()
+        idx = keep_nodes.nonzero().squeeze(1).tolist()
+        return Graph(
+            nodes=[self.nodes[i] for i in idx],
+            activation=self.activation[keep_nodes],
+            sources=new_index[self.sources[e]],
+            targets=new_index[self.targets[e]],
+            weights=self.weights[e],
+            target_weights=self.target_weights[keep_nodes],
+            labels=[self.labels[i] for i in idx],
+            bias=None if self.bias is None else self.bias[keep_nodes],
+            node_scores=None if self.node_scores is None else self.node_scores[keep_nodes],
+            metadata=dict(self.metadata),
+        )
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write ``graph.json`` + ``graph.safetensors`` into ``folder`` (atomically, file by file)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "activation": self.activation.float().contiguous(),
+            "sources": self.sources.long().contiguous(),
+            "targets": self.targets.long().contiguous(),
+            "weights": self.weights.float().contiguous(),
+            "target_weights": self.target_weights.float().contiguous(),
+        }
+        if self.bias is not None:
+            tensors["bias"] = self.bias.float().contiguous()
+        if self.node_scores is not None:
+            tensors["node_scores"] = self.node_scores.float().contiguous()
+        tmp = folder / "graph.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / "graph.safetensors")
+        doc = {"format_version": FORMAT_VERSION, "nodes": [n.to_dict() for n in self.nodes],
+               "labels": self.labels, "metadata": self.metadata}
+        tmp = folder / "graph.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, folder / "graph.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Graph:
+        """Read a folder written by :meth:`save`; corrupt or missing files give a clear error."""
+        folder = Path(folder)
+        jpath, tpath = folder / "graph.json", folder / "graph.safetensors"
+        for p in (jpath, tpath):
+            if not p.is_file():
+                raise CircuitGraphError(f"{p} is missing; is {folder} a graph folder written by `circuitgraph trace`?")
+        try:
+            doc = json.loads(jpath.read_text())
+            nodes = [Node.from_dict(d) for d in doc["nodes"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CircuitGraphError(f"{jpath} is corrupt ({err}); re-run the trace that wrote it") from err
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise CircuitGraphError(f"{jpath} has format version {doc.get('format_version')}, expected {FORMAT_VERSION}")
+        try:
+            t = load_file(str(tpath))
+        except (SafetensorError, OSError) as err:
+            raise CircuitGraphError(f"{tpath} is corrupt or truncated ({err}); re-run the trace that wrote it") from err
+        try:
+            return cls(nodes=nodes, activation=t["activation"], sources=t["sources"], targets=t["targets"],
+                       weights=t["weights"], target_weights=t["target_weights"], labels=doc.get("labels", []),
+                       bias=t.get("bias"), node_scores=t.get("node_scores"), metadata=doc.get("metadata", {}))
+        except KeyError as err:
+            raise CircuitGraphError(f"{tpath} lacks tensor {err}; the graph is corrupt") from err
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph``: nodes keyed by id with their fields, edges source -> target with ``weight``."""
+        import networkx as nx
+
+        g = nx.DiGraph(**{k: v for k, v in self.metadata.items() if isinstance(v, (str, int, float))})
+        for i, node in enumerate(self.nodes):
+            g.add_node(node.id, **node.to_dict(), activation=float(self.activation[i]), label=self.labels[i])
+        ids = [n.id for n in self.nodes]
+        for s, t, w in zip(self.sources.tolist(), self.targets.tolist(), self.weights.tolist(), strict=True):
+            g.add_edge(ids[s], ids[t], weight=w)
+        return g

@@ -1,0 +1,185 @@
+"""The replacement model: a HookedTransformer with dictionaries spliced in at their sites.
+
+At every spliced site and every position but the first (BOS, where dictionaries are not trained;
+its activation is kept and attributed to the BOS token through the model's own computation):
+
+    latents = encode(site input)                   # [B, P, d_dict]  (or given values: leaves, patches)
+    error   = true output - reconstruction          # [B, P, d_out]   (or given values)
+    output  = decode(latents) + skip(input) + error
+
+With computed errors the output equals the true activation, so the spliced forward pass
+reproduces the original logits. Given latents / errors turn sites into *leaves*: downstream
+computation depends on them and no longer on the site's input, which is what direct-effect
+attribution differentiates. ``edit_latents`` / ``edit_errors`` express interventions (ablate,
+scale, steer); the error is always computed from the unedited latents, so an edit changes the
+output by exactly the edited decoder contribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.replacement.frozen import FrozenState, freeze_hooks, record_frozen_hooks
+from dictionaries.architectures.base import SparseDictionary
+from dictionaries.persistence import check_against_model
+from dictionaries.site import ModelHooks, Site
+
+_DEPTH = {"resid_pre": 0.0, "attn_z": 0.2, "resid_mid": 0.4, "mlp_post": 0.6, "transcoder": 0.7, "mlp_out": 0.8,
+          "resid_post": 0.9}
+
+
+def site_depth(site: Site) -> float:
+    """Order of sites in the forward pass: ``layer + offset`` (resid_pre < attn_z < ... < resid_post)."""
+    return site.layer + _DEPTH[site.kind]
+
+
+Edit = Callable[[Site, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SpliceSpec:
+    """How one forward pass treats the spliced sites. All tensors are ``[B, P, width]``."""
+
+    latents: Mapping[Site, torch.Tensor] = field(default_factory=dict)
+    """Latents to use instead of encoding the site input (leaves for attribution, patched values)."""
+    errors: Mapping[Site, torch.Tensor] = field(default_factory=dict)
+    """Error terms to use instead of computing them from the current input."""
+    edit_latents: Edit | None = None
+    """``(site, latents) -> latents`` applied last (interventions)."""
+    edit_errors: Edit | None = None
+    """``(site, errors) -> errors`` applied last (error ablations)."""
+    embed: torch.Tensor | None = None
+    """``[B, P, d_model]`` replacement for the token embeddings (a leaf for token nodes)."""
+    frozen: FrozenState | None = None
+    """Recorded attention patterns, normalisation scales and MLP gates to hold fixed."""
+
+
+class SiteRecord(NamedTuple):
+    """What a forward pass saw at one site."""
+
+    latents: torch.Tensor
+    """``[B, P, d_dict]`` the latents used (after edits)."""
+    errors: torch.Tensor
+    """``[B, P, d_out]`` the error terms used (after edits)."""
+    active_value: torch.Tensor
+    """``[B, P, d_dict]`` the affine pre-activation of every latent, computed from the site input
+    and connected to the autograd graph (attribution targets)."""
+
+
+class RunResult(NamedTuple):
+    """What :meth:`ReplacementModel.run` returns."""
+
+    logits: torch.Tensor
+    """``[B, P, d_vocab]``."""
+    sites: dict[Site, SiteRecord]
+    """Per-site record."""
+    frozen: FrozenState | None
+    """Recorded patterns / scales / gates when ``record_frozen`` was set."""
+
+
+class ReplacementModel:
+    """A model plus one dictionary per spliced site (at most one per output hook)."""
+
+    def __init__(self, model: HookedTransformer, dicts: Mapping[Site, SparseDictionary]) -> None:
+        if not dicts:
+            raise CircuitGraphError("no dictionaries given; pass at least one site (e.g. --sites attn_z,transcoder)")
+        check_against_model(dicts, model.cfg)
+        by_output: dict[str, Site] = {}
+        for site in dicts:
+            other = by_output.get(site.output_hook)
+            if other is not None:
+                raise CircuitGraphError(
+                    f"sites {other.id} and {site.id} both replace {site.output_hook}; splice at most one "
+                    "dictionary per output (choose e.g. transcoder or mlp_out, not both)"
+                )
+            by_output[site.output_hook] = site
+        self.model = model
+        self.dicts = {s: dicts[s] for s in sorted(dicts, key=site_depth)}
+        for d in self.dicts.values():
+            d.eval()
+
+    @property
+    def sites(self) -> list[Site]:
+        """Spliced sites in forward order."""
+        return list(self.dicts)
+
+    def _site_hooks(self, site: Site, spec: SpliceSpec, out: dict[Site, SiteRecord]) -> list[tuple[str, Callable]]:
+        d = self.dicts[site]
+        saved: dict[str, torch.Tensor] = {}
+
+        def save_input(act: torch.Tensor, hook) -> None:
+            saved["x"] = act
+
+        def replace(act: torch.Tensor, hook) -> torch.Tensor:
+            x = saved.pop("x") if site.is_transcoder else act
+            b, p = act.shape[:2]
+            x_flat = x.reshape(b * p, -1)
+            active = d.active_value(x_flat).reshape(b, p, -1)
+            encoded = d.encode(x_flat).reshape(b, p, -1)
+            skip = d.skip_term(x_flat).reshape(b, p, -1)
+            latents = spec.latents.get(site, encoded)
+            if site in spec.errors:
+                errors = spec.errors[site]
+            else:
+                errors = act.reshape(b, p, -1) - (d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip)
+            if spec.edit_latents is not None:
+                latents = spec.edit_latents(site, latents)
+            if spec.edit_errors is not None:
+                errors = spec.edit_errors(site, errors)
+            out[site] = SiteRecord(latents, errors, active)
+            untouched = site not in spec.latents and site not in spec.errors
+            if untouched and spec.edit_latents is None and spec.edit_errors is None:
+                return act  # decode(encode(x)) + (x - decode(encode(x))) is x: return it bit-exactly
+            new = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip + errors
+            new = torch.cat([act[:, :1].reshape(b, 1, -1), new[:, 1:]], dim=1)
+            return new.reshape(act.shape).to(act.dtype)
+
+        hooks: list[tuple[str, Callable]] = []
+        if site.is_transcoder:
+            hooks.append((site.input_hook, save_input))
+        hooks.append((site.output_hook, replace))
+        return hooks
+
+    @contextmanager
+    def spliced(self, spec: SpliceSpec | None = None, record_frozen: FrozenState | None = None) -> Iterator[dict[Site, SiteRecord]]:
+        """Context in which ``self.model``'s forward passes run spliced; yields the per-site record."""
+        spec = spec or SpliceSpec()
+        out: dict[Site, SiteRecord] = {}
+        hooks: list[tuple[str, Callable]] = []
+        if spec.embed is not None:
+            embed = spec.embed
+            hooks.append((ModelHooks.embed, lambda act, hook: embed.to(act.dtype)))
+        if spec.frozen is not None:
+            hooks.extend(freeze_hooks(self.model, spec.frozen))
+        if record_frozen is not None:
+            hooks.extend(record_frozen_hooks(self.model, record_frozen))
+        for site in self.dicts:
+            hooks.extend(self._site_hooks(site, spec, out))
+        with self.model.hooks(fwd_hooks=hooks):
+            yield out
+
+    def run(self, tokens: torch.Tensor, spec: SpliceSpec | None = None, record_frozen: bool = False) -> RunResult:
+        """One spliced forward pass of ``tokens`` ``[B, P]``."""
+        self.check_tokens(tokens)
+        frozen = FrozenState({}, {}, {}) if record_frozen else None
+        with self.spliced(spec, frozen) as record:
+            logits = self.model(tokens)
+        return RunResult(logits, dict(record), frozen)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Clear errors for token tensors the model cannot run."""
+        if tokens.dim() != 2:
+            raise CircuitGraphError(f"tokens must be [batch, positions], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.model.cfg.n_ctx:
+            raise CircuitGraphError(
+                f"prompt is {tokens.shape[1]} tokens but the model's context is {self.model.cfg.n_ctx}; shorten it"
+            )
+        if tokens.numel() and (int(tokens.max()) >= self.model.cfg.d_vocab or int(tokens.min()) < 0):
+            raise CircuitGraphError(f"token ids must lie in 0..{self.model.cfg.d_vocab - 1}")

@@ -104,6 +104,8 @@ class ReplacementModel:
         self.dicts = {s: dicts[s] for s in sorted(dicts, key=site_depth)}
         for d in self.dicts.values():
             d.eval()
+        self.forward_passes = 0
+        """Number of (batched) forward passes :meth:`run` has made; reported by tracing methods."""
 
     @property
     def sites(self) -> list[Site]:
@@ -122,9 +124,11 @@ class ReplacementModel:
             b, p = act.shape[:2]
             x_flat = x.reshape(b * p, -1)
             active = d.active_value(x_flat).reshape(b, p, -1)
-            encoded = d.encode(x_flat).reshape(b, p, -1)
             skip = d.skip_term(x_flat).reshape(b, p, -1)
-            latents = spec.latents.get(site, encoded)
+            if site in spec.latents:
+                latents = spec.latents[site]
+            else:
+                latents = d.encode(x_flat).reshape(b, p, -1)
             if site in spec.errors:
                 errors = spec.errors[site]
             else:
@@ -169,6 +173,7 @@ class ReplacementModel:
         """One spliced forward pass of ``tokens`` ``[B, P]``."""
         self.check_tokens(tokens)
         frozen = FrozenState({}, {}, {}) if record_frozen else None
+        self.forward_passes += 1
         with self.spliced(spec, frozen) as record:
             logits = self.model(tokens)
         return RunResult(logits, dict(record), frozen)

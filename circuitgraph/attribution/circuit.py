@@ -1,0 +1,147 @@
+"""From node scores to a dataset circuit graph: select nodes, score edges, measure by ablation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+from circuitgraph.attribution.ablation import AblationKind, Ablator, CircuitScores, NodeSet, circuit_scores
+from circuitgraph.attribution.dataset import DatasetAttributionConfig, NodeRef, NodeScores, score_edges, score_nodes
+from circuitgraph.graph.graph import Graph
+from circuitgraph.graph.nodes import Node
+from circuitgraph.replacement.model import ReplacementModel, site_depth
+from circuitgraph.tasks.dataset import TaskDataset
+
+TraceMethod = Literal["attribution", "ig", "acdc"]
+
+
+@dataclass
+class CircuitConfig:
+    """Options of :func:`trace_dataset`."""
+
+    method: TraceMethod = "attribution"
+    """``attribution`` (attribution patching), ``ig`` (integrated gradients) or ``acdc``."""
+    max_feature_nodes: int = 200
+    """Most feature nodes in the circuit (highest ``|score|`` first)."""
+    ablation: AblationKind = "patch"
+    """How nodes outside the circuit are ablated when measuring it (and tested in ACDC)."""
+    ig_steps: int = 8
+    """Interpolation steps for ``ig``."""
+    tau: float = 0.01
+    """ACDC threshold, as a fraction of ``|m(full) - m(empty)|``."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    progress: bool = True
+    """Show tqdm bars."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("attribution", "ig", "acdc"):
+            raise ValueError(f"method must be attribution, ig or acdc, got {self.method!r}")
+        if self.max_feature_nodes < 1:
+            raise ValueError("max_feature_nodes must be at least 1")
+
+
+class TraceResult(NamedTuple):
+    """What :func:`trace_dataset` returns."""
+
+    graph: Graph
+    scores: CircuitScores
+    forward_passes: int
+    seconds: float
+
+
+def select_top(scores: NodeScores, max_features: int) -> NodeSet:
+    """The ``max_features`` features with the largest ``|score|`` (non-zero), and every error node
+    scoring at least as high as the last feature chosen."""
+    flat = torch.cat([v.abs() for v in scores.features.values()])
+    k = min(max_features, int((flat > 0).sum()))
+    thr = float(flat.topk(k).values[-1]) if k else float("inf")
+    feats = {s: (v.abs() >= thr) & (v != 0) for s, v in scores.features.items()}
+    errs = {s for s, v in scores.errors.items() if abs(float(v)) >= thr}
+    return NodeSet(feats, errs)
+
+
+def node_refs(rm: ReplacementModel, circuit: NodeSet) -> list[NodeRef]:
+    """Circuit nodes in forward order (per site: features, then the error)."""
+    refs: list[NodeRef] = []
+    for s in rm.sites:
+        refs += [NodeRef(s, int(i)) for i in circuit.features[s].nonzero().squeeze(1).tolist()]
+        if s in circuit.errors:
+            refs.append(NodeRef(s, None))
+    return refs
+
+
+def build_graph(rm: ReplacementModel, ds: TaskDataset, circuit: NodeSet, scores: NodeScores,
+                cfg: DatasetAttributionConfig, metric_name: str) -> Graph:
+    """The circuit as a :class:`Graph`: its nodes, their edges among each other and into the metric."""
+    refs = node_refs(rm, circuit)
+    edges, metric_edges = score_edges(rm, ds, refs, scores, cfg)
+    nodes: list[Node] = []
+    act, node_scores = [], []
+    mean_act = _mean_activations(rm, scores)
+    for r in refs:
+        kind = "error" if r.index is None else "feature"
+        nodes.append(Node(kind, site_depth(r.site), r.site.id, r.index))
+        node_scores.append(float(scores.errors[r.site] if r.index is None else scores.features[r.site][r.index]))
+        act.append(float(mean_act[r.site][r.index]) if r.index is not None else 0.0)
+    nodes.append(Node("metric", float(rm.model.cfg.n_layers), name=metric_name))
+    node_scores.append(scores.metric_clean - scores.metric_corrupt)
+    act.append(scores.metric_clean)
+    n = len(refs)
+    tgt, src = edges.nonzero(as_tuple=True)
+    m_src = metric_edges.nonzero().squeeze(1)
+    sources = torch.cat([src, m_src])
+    targets = torch.cat([tgt, torch.full((m_src.numel(),), n)])
+    weights = torch.cat([edges[tgt, src], metric_edges[m_src]]).float()
+    tw = torch.zeros(n + 1)
+    tw[n] = 1.0
+    return Graph(nodes=nodes, activation=torch.tensor(act), sources=sources, targets=targets, weights=weights,
+                 target_weights=tw, labels=[""] * n + [metric_name], node_scores=torch.tensor(node_scores))
+
+
+def _mean_activations(rm: ReplacementModel, scores: NodeScores) -> dict:
+    total = {s: torch.zeros(rm.dicts[s].cfg.d_dict) for s in rm.sites}
+    count = 0.0
+    for v in scores.values:
+        m = v.mask.unsqueeze(-1)
+        count += float(v.mask.sum())
+        for s in rm.sites:
+            total[s] += (v.clean_latents[s] * m).sum((0, 1))
+    return {s: t / max(count, 1.0) for s, t in total.items()}
+
+
+def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | None = None) -> TraceResult:
+    """Score nodes, choose the circuit (top scores, or ACDC), score its edges, measure it by ablation."""
+    from circuitgraph.attribution.acdc import acdc_nodes
+
+    cfg = cfg or CircuitConfig()
+    start = time.perf_counter()
+    passes0 = rm.forward_passes
+    acfg = DatasetAttributionConfig("ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size,
+                                    progress=cfg.progress)
+    scores = score_nodes(rm, ds, acfg)
+    ablator = Ablator(rm, ds, cfg.ablation, cfg.batch_size)
+    extra: dict = {}
+    if cfg.method == "acdc":
+        res = acdc_nodes(ablator, scores, cfg.tau, cfg.max_feature_nodes, progress=cfg.progress)
+        circuit = res.circuit
+        extra = {"acdc_tested": res.tested, "acdc_skipped": res.skipped,
+                 "plain_acdc_forward_passes": res.plain_forward_passes, "acdc_forward_passes": res.forward_passes}
+    else:
+        circuit = select_top(scores, cfg.max_feature_nodes)
+    cs = circuit_scores(ablator, circuit)
+    graph = build_graph(rm, ds, circuit, scores, acfg, ds.metric_kind)
+    seconds = time.perf_counter() - start
+    passes = rm.forward_passes - passes0
+    graph.metadata.update({
+        "method": cfg.method, "task": ds.name, "n_prompts": len(ds), "prompts": ds.prompts[:16],
+        "sites": [s.id for s in rm.sites], "ablation": cfg.ablation, "max_feature_nodes": cfg.max_feature_nodes,
+        "n_feature_nodes": circuit.n_features(), "n_error_nodes": len(circuit.errors),
+        "faithfulness": cs.faithfulness, "completeness": cs.completeness, "metric_full": cs.metric_full,
+        "metric_empty": cs.metric_empty, "metric_circuit": cs.metric_circuit,
+        "metric_without_circuit": cs.metric_without_circuit, "forward_passes": passes, "seconds": seconds, **extra,
+    })
+    return TraceResult(graph, cs, passes, seconds)

@@ -31,3 +31,26 @@ def default_model():
     from circuitgraph.models import load_default
 
     return load_default()
+
+
+@pytest.fixture(scope="session")
+def default_dicts():
+    from circuitgraph.models.loading import DEFAULT_DICTS_DIR
+    from dictionaries.persistence import load_dictionaries
+
+    return load_dictionaries(DEFAULT_DICTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def model64(default_model):
+    """The embedded model in float64 (exactness checks without float32 rounding)."""
+    import copy
+
+    return copy.deepcopy(default_model).to(torch.float64)
+
+
+@pytest.fixture(scope="session")
+def dicts64(default_dicts):
+    import copy
+
+    return {s: copy.deepcopy(d).double() for s, d in default_dicts.items()}

@@ -30,7 +30,7 @@ class CircuitConfig:
     """How nodes outside the circuit are ablated when measuring it (and tested in ACDC)."""
     ig_steps: int = 8
     """Interpolation steps for ``ig``."""
-    tau: float = 0.01
+    tau: float = 0.002
     """ACDC threshold, as a fraction of ``|m(full) - m(empty)|``."""
     batch_size: int = 32
     """Prompts per forward pass."""

@@ -91,6 +91,31 @@ class Graph:
         coo = torch.sparse_coo_tensor(torch.stack([self.targets, self.sources]), self.weights, (n, n))
         return coo.coalesce().to_sparse_csr()
 
+    # --- queries (see circuitgraph.graph.query) ---------------------------------------------
+    def upstream(self, node: str, depth: int = 1, top_k: int = 10, **where: Any) -> list:
+        """Nodes driving ``node``; ``where`` filters by ``layer``, ``site``, ``pos``, ``kind``."""
+        from circuitgraph.graph.query import NodeFilter, upstream
+
+        return upstream(self, node, depth, top_k, NodeFilter(**where))
+
+    def downstream(self, node: str, depth: int = 1, top_k: int = 10, **where: Any) -> list:
+        """Nodes ``node`` drives; ``where`` filters as in :meth:`upstream`."""
+        from circuitgraph.graph.query import NodeFilter, downstream
+
+        return downstream(self, node, depth, top_k, NodeFilter(**where))
+
+    def paths(self, src: str, dst: str, k: int = 5) -> list:
+        """The ``k`` strongest paths from ``src`` to ``dst``."""
+        from circuitgraph.graph.query import paths
+
+        return paths(self, src, dst, k)
+
+    def top_features(self, target: str, k: int = 10, **where: Any) -> list:
+        """Features with the largest total influence on ``target``."""
+        from circuitgraph.graph.query import NodeFilter, top_features
+
+        return top_features(self, target, k, NodeFilter(**where))
+
     # --- derived graphs ------------------------------------------------------------------
     def subgraph(self, keep_nodes: torch.Tensor, keep_edges: torch.Tensor | None = None) -> Graph:
         """The graph restricted to nodes where ``keep_nodes`` (``[N]`` bool) and, optionally, edges

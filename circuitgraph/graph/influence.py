@@ -28,7 +28,7 @@ def normalised_adjacency(sources: torch.Tensor, targets: torch.Tensor, weights: 
     w = weights.abs().double()
     row_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)
     values = w / row_sum[targets].clamp(min=1e-30)
-    coo = torch.sparse_coo_tensor(torch.stack([targets, sources]), values, (n, n))
+    coo = torch.sparse_coo_tensor(torch.stack([targets, sources]), values, (n, n), check_invariants=False)
     return coo.coalesce().to_sparse_csr()
 
 

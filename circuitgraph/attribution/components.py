@@ -1,0 +1,344 @@
+"""Component granularity: attention heads and MLPs as nodes, edges between them (the ACDC papers').
+
+Senders write into the residual stream: ``tok`` (token + positional embedding), every head
+(``L1.head2``, its ``W_O``-projected output) and every MLP (``L1.mlp``). Receivers read from it:
+every head (its q, k and v inputs together), every MLP, and the metric (the final residual).
+An edge u -> d exists when u is computed before d.
+
+* ``attribution`` (EAP): ``edge(u, d) = sum (out_u(clean) - out_u(corr)) . dm/d in_d``
+* ``ig`` (EAP-IG): the same with ``dm/d in_d`` averaged along embeddings interpolated from the
+  corrupted to the clean prompt
+* ``acdc``: exact edge ablation: receiver d reads ``in_d + sum_{u -> d removed} (out_u(ablated) - out_u(current))``,
+  edges tried from the metric backwards, weakest EAP score first; kept when the metric moves by
+  at least ``tau * |m(full) - m(empty)|``.
+
+Needs TransformerLens's split q/k/v inputs, per-head results and the MLP-input hook; they are
+switched on inside :func:`component_hooks_enabled` and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from circuitgraph.attribution.ablation import AblationKind
+from circuitgraph.attribution.dataset import batches, metric_of, position_mask
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.graph.graph import Graph
+from circuitgraph.graph.nodes import Node
+from circuitgraph.tasks.dataset import TaskDataset
+from dictionaries.site import ModelHooks
+
+
+@dataclass(frozen=True)
+class Component:
+    """A sender or receiver: ``kind`` tok / head / mlp / metric, with layer and head."""
+
+    kind: str
+    layer: int = -1
+    head: int = -1
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tok":
+            return "tok"
+        if self.kind == "metric":
+            return "metric"
+        return f"L{self.layer}.head{self.head}" if self.kind == "head" else f"L{self.layer}.mlp"
+
+    @property
+    def order(self) -> float:
+        return {"tok": -1.0, "metric": 1e9}.get(self.kind, self.layer + (0.5 if self.kind == "mlp" else 0.0))
+
+
+def senders(model: HookedTransformer) -> list[Component]:
+    out = [Component("tok")]
+    for layer in range(model.cfg.n_layers):
+        out += [Component("head", layer, h) for h in range(model.cfg.n_heads)]
+        if not model.cfg.attn_only:
+            out.append(Component("mlp", layer))
+    return out
+
+
+def receivers(model: HookedTransformer) -> list[Component]:
+    return [c for c in senders(model) if c.kind != "tok"] + [Component("metric")]
+
+
+@contextmanager
+def component_hooks_enabled(model: HookedTransformer) -> Iterator[None]:
+    """Switch on split q/k/v inputs, per-head results and the MLP-input hook; restore afterwards."""
+    if model.cfg.n_key_value_heads not in (None, model.cfg.n_heads):
+        raise CircuitGraphError("component graphs need one key/value head per query head; this model uses "
+                                "grouped-query attention (use dictionary features instead)")
+    old = (model.cfg.use_split_qkv_input, model.cfg.use_attn_result, model.cfg.use_hook_mlp_in)
+    model.set_use_split_qkv_input(True)
+    model.set_use_attn_result(True)
+    if not model.cfg.attn_only:
+        model.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(old[0])
+        model.set_use_attn_result(old[1])
+        if not model.cfg.attn_only:
+            model.set_use_hook_mlp_in(old[2])
+
+
+def _sender_outputs(model: HookedTransformer, tokens: torch.Tensor) -> dict[Component, torch.Tensor]:
+    """``[B, P, d_model]`` output of every sender on ``tokens`` (one forward pass)."""
+    out: dict[Component, torch.Tensor] = {}
+    hooks = _sender_capture_hooks(model, out, detach=True)
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(tokens)
+    return out
+
+
+def _sender_capture_hooks(model: HookedTransformer, out: dict, detach: bool) -> list:
+    def cap(comp: Component | None, layer: int = -1):
+        def fn(act, hook):
+            a = act.detach() if detach else act
+            if comp is None:
+                for h in range(model.cfg.n_heads):
+                    out[Component("head", layer, h)] = a[:, :, h]
+            else:
+                out[comp] = a
+        return fn
+
+    hooks = [(ModelHooks.resid_pre(0), cap(Component("tok")))]
+    for layer in range(model.cfg.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_result", cap(None, layer)))
+        if not model.cfg.attn_only:
+            hooks.append((ModelHooks.mlp_out(layer), cap(Component("mlp", layer))))
+    return hooks
+
+
+def _receiver_hook_names(model: HookedTransformer, r: Component) -> list[tuple[str, int | None]]:
+    if r.kind == "head":
+        return [(ModelHooks.qkv_input(r.layer, w), r.head) for w in ("q", "k", "v")]
+    if r.kind == "mlp":
+        return [(ModelHooks.mlp_in(r.layer), None)]
+    return [(ModelHooks.resid_post(model.cfg.n_layers - 1), None)]
+
+
+class ComponentScores(NamedTuple):
+    """EAP edge scores: ``scores[r, s]`` for receiver ``receivers[r]`` and sender ``senders[s]`` (0 where s is not upstream)."""
+
+    senders: list[Component]
+    receivers: list[Component]
+    scores: torch.Tensor
+    metric_clean: float
+    metric_corrupt: float
+
+
+def edge_scores(model: HookedTransformer, ds: TaskDataset, method: str = "attribution", ig_steps: int = 8,
+                batch_size: int = 32) -> ComponentScores:
+    """EAP / EAP-IG scores of every sender -> receiver edge, averaged over prompts."""
+    snd, rcv = senders(model), receivers(model)
+    scores = torch.zeros(len(rcv), len(snd), dtype=torch.float64)
+    m_clean = m_corr = 0.0
+    with component_hooks_enabled(model):
+        for b in batches(ds, batch_size):
+            clean = _sender_outputs(model, b.clean_tokens)
+            corr = _sender_outputs(model, b.corrupted_tokens)
+            mask = position_mask(b, b.clean_tokens.shape[1]).unsqueeze(-1)
+            mask[:, 0] = 1.0  # component outputs at BOS count too
+            with torch.no_grad():
+                m_clean += float(metric_of(model(b.clean_tokens), b).sum())
+                m_corr += float(metric_of(model(b.corrupted_tokens), b).sum())
+            steps = [1.0] if method == "attribution" else [(i + 0.5) / ig_steps for i in range(ig_steps)]
+            grads = {r: 0.0 for r in rcv}
+            e_clean = model.embed(b.clean_tokens)
+            e_corr = model.embed(b.corrupted_tokens)
+            for alpha in steps:
+                g = _receiver_grads(model, b, rcv, e_corr + alpha * (e_clean - e_corr))
+                for r in rcv:
+                    grads[r] = grads[r] + g[r] / len(steps)
+            for i, r in enumerate(rcv):
+                for j, s in enumerate(snd):
+                    if s.order < r.order:
+                        scores[i, j] += float(((clean[s] - corr[s]) * mask * grads[r]).sum())
+    return ComponentScores(snd, rcv, scores / len(ds), m_clean / len(ds), m_corr / len(ds))
+
+
+def _receiver_grads(model: HookedTransformer, b: TaskDataset, rcv: list[Component], embed: torch.Tensor) -> dict:
+    saved: dict[tuple[str, int | None], torch.Tensor] = {}
+
+    def keep(name: str):
+        def fn(act, hook):
+            act.retain_grad()
+            saved[name] = act
+        return fn
+
+    names = {n for r in rcv for n, _ in _receiver_hook_names(model, r)}
+    hooks = [(n, keep(n)) for n in names] + [(ModelHooks.embed, lambda act, hook: embed.detach())]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        m = metric_of(model(b.clean_tokens), b).sum()
+        m.backward()
+    out = {}
+    for r in rcv:
+        total = 0.0
+        for n, h in _receiver_hook_names(model, r):
+            g = saved[n].grad
+            total = total + (g[:, :, h] if h is not None else g)
+        out[r] = total.detach()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+class EdgeAblator:
+    """Runs the model with a set of sender -> receiver edges ablated (exactly, via split inputs)."""
+
+    def __init__(self, model: HookedTransformer, ds: TaskDataset, kind: AblationKind = "patch", batch_size: int = 64) -> None:
+        self.model, self.kind = model, kind
+        self.snd, self.rcv = senders(model), receivers(model)
+        self.parts = []
+        self.forward_passes = 0
+        with component_hooks_enabled(model):
+            outs = [(b, _sender_outputs(model, b.clean_tokens), _sender_outputs(model, b.corrupted_tokens))
+                    for b in batches(ds, batch_size)]
+        means = {}
+        if kind == "mean":
+            n = sum(float(o[1][self.snd[0]][..., 0].numel()) for o in outs)
+            means = {s: sum(o[1][s].sum((0, 1)) for o in outs) / n for s in self.snd}
+        for b, clean, corr in outs:
+            if kind == "patch":
+                abl = corr
+            elif kind == "mean":
+                abl = {s: means[s].expand_as(clean[s]) for s in self.snd}
+            else:
+                abl = {s: torch.zeros_like(clean[s]) for s in self.snd}
+            self.parts.append((b, abl))
+        self.n_prompts = len(ds)
+
+    @torch.no_grad()
+    def metric(self, removed: torch.Tensor) -> float:
+        """Mean metric with edges ``removed[r, s]`` (``[n_receivers, n_senders]`` bool) ablated."""
+        total = 0.0
+        with component_hooks_enabled(self.model):
+            for b, abl in self.parts:
+                cur: dict[Component, torch.Tensor] = {}
+                hooks = _sender_capture_hooks(self.model, cur, detach=False)
+                for i, r in enumerate(self.rcv):
+                    idx = removed[i].nonzero().squeeze(1).tolist()
+                    if not idx:
+                        continue
+                    for name, head in _receiver_hook_names(self.model, r):
+                        hooks.append((name, self._patch(idx, head, cur, abl)))
+                with self.model.hooks(fwd_hooks=hooks):
+                    logits = self.model(b.clean_tokens)
+                self.forward_passes += 1
+                total += float(metric_of(logits, b).sum())
+        return total / self.n_prompts
+
+    def _patch(self, idx: list[int], head: int | None, cur: dict, abl: dict):
+        def fn(act, hook):
+            delta = sum(abl[self.snd[j]] - cur[self.snd[j]] for j in idx)
+            act = act.clone()
+            if head is None:
+                act += delta
+            else:
+                act[:, :, head] += delta
+            return act
+        return fn
+
+
+@dataclass
+class ComponentCircuitConfig:
+    """Options of :func:`trace_components`."""
+
+    method: str = "attribution"
+    """``attribution`` (EAP), ``ig`` (EAP-IG) or ``acdc``."""
+    max_edges: int = 100
+    """For attribution / ig: keep the top edges by ``|score|``."""
+    tau: float = 0.002
+    """ACDC threshold as a fraction of ``|m(full) - m(empty)|``."""
+    skip_fraction: float = 0.1
+    """ACDC: edges with ``|EAP score| < skip_fraction * tau * |m(full) - m(empty)|`` are removed untested."""
+    ablation: AblationKind = "patch"
+    """How ablated edges' senders are replaced (patch / mean / zero)."""
+    ig_steps: int = 8
+    """Interpolation steps for ``ig``."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    progress: bool = True
+    """Show tqdm bars."""
+
+
+def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCircuitConfig | None = None) -> tuple[Graph, dict]:
+    """A component circuit and its metadata (faithfulness, completeness, forward passes)."""
+    cfg = cfg or ComponentCircuitConfig()
+    start = time.perf_counter()
+    sc = edge_scores(model, ds, "ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size)
+    valid = torch.tensor([[s.order < r.order for s in sc.senders] for r in sc.receivers])
+    ablator = EdgeAblator(model, ds, cfg.ablation, cfg.batch_size)
+    full = ablator.metric(torch.zeros_like(valid))
+    empty = ablator.metric(valid)
+    span = full - empty
+    if abs(span) < 1e-9:
+        raise CircuitGraphError("the metric does not change when every edge is ablated; try --ablation mean")
+    extra = {}
+    if cfg.method == "acdc":
+        # edges whose EAP estimate is far below the threshold are removed together, untested
+        removed = valid & (sc.scores.abs() < cfg.skip_fraction * cfg.tau * abs(span))
+        current = ablator.metric(removed)
+        order = sorted(((r, s) for r in range(len(sc.receivers)) for s in range(len(sc.senders))
+                        if valid[r, s] and not removed[r, s]),
+                       key=lambda rs: (-sc.receivers[rs[0]].order, abs(float(sc.scores[rs]))))
+        extra["acdc_skipped"] = int(removed.sum())
+        extra["acdc_tested"] = len(order)
+        for r, s in tqdm(order, desc="acdc edges", disable=not cfg.progress, leave=False):
+            removed[r, s] = True
+            m = ablator.metric(removed)
+            if abs(m - current) < cfg.tau * abs(span):
+                current = m
+            else:
+                removed[r, s] = False
+        keep = valid & ~removed
+        extra["plain_acdc_forward_passes"] = int(valid.sum()) * len(ablator.parts)
+    else:
+        flat = (sc.scores.abs() * valid).flatten()
+        k = min(cfg.max_edges, int((flat > 0).sum()))
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[flat.topk(k).indices] = True
+        keep = keep.view_as(valid)
+    m_c = ablator.metric(valid & ~keep)
+    m_wo = ablator.metric(keep)
+    graph = _component_graph(sc, keep, ds.metric_kind)
+    meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "n_prompts": len(ds),
+            "ablation": cfg.ablation, "faithfulness": (m_c - empty) / span, "completeness": (full - m_wo) / span,
+            "metric_full": full, "metric_empty": empty, "n_circuit_edges": int(keep.sum()),
+            "forward_passes": ablator.forward_passes, "seconds": time.perf_counter() - start, **extra}
+    graph.metadata.update(meta)
+    return graph, meta
+
+
+def _component_graph(sc: ComponentScores, keep: torch.Tensor, metric_name: str) -> Graph:
+    comps = list(dict.fromkeys([*sc.senders, *sc.receivers]))
+    used = set()
+    r_idx, s_idx = keep.nonzero(as_tuple=True)
+    for r, s in zip(r_idx.tolist(), s_idx.tolist(), strict=True):
+        used.add(sc.receivers[r])
+        used.add(sc.senders[s])
+    comps = [c for c in comps if c in used or c.kind == "metric"]
+    index = {c: i for i, c in enumerate(comps)}
+    nodes = []
+    for c in comps:
+        if c.kind == "tok":
+            nodes.append(Node("token", -1.0))
+        elif c.kind == "metric":
+            nodes.append(Node("metric", 1e3, name=metric_name))
+        else:
+            nodes.append(Node("component", c.order, c.name))
+    src = torch.tensor([index[sc.senders[s]] for s in s_idx.tolist()], dtype=torch.long)
+    tgt = torch.tensor([index[sc.receivers[r]] for r in r_idx.tolist()], dtype=torch.long)
+    w = sc.scores[r_idx, s_idx].float()
+    tw = torch.tensor([1.0 if c.kind == "metric" else 0.0 for c in comps])
+    return Graph(nodes=nodes, activation=torch.zeros(len(comps)), sources=src, targets=tgt, weights=w,
+                 target_weights=tw, labels=[c.name for c in comps])

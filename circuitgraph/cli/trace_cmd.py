@@ -1,0 +1,163 @@
+"""``circuitgraph trace`` (build a graph) and ``circuitgraph query`` (ask it questions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+from circuitgraph.errors import CircuitGraphError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="build an attribution graph / circuit for a task dataset or one prompt")
+    p.add_argument("--model", default="default", help="default, a model folder, a llama2.c .bin, or a TransformerLens name")
+    p.add_argument("--dicts", default=None, help="dictionary folder (default: the committed ones for --model default)")
+    p.add_argument("--sites", default="attn_z,transcoder", help="site kinds to splice (one per output hook)")
+    p.add_argument("--layers", default="all", help="layers to splice: all, 0,2 or 1-3")
+    p.add_argument("--task", default="ioi", help="task whose prompt dataset is traced")
+    p.add_argument("--n", type=int, default=64, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=None, help="trace this one prompt with direct linear attribution instead of a dataset")
+    p.add_argument("--method", default="attribution", choices=["attribution", "ig", "acdc"])
+    p.add_argument("--granularity", default="features", choices=["features", "components"],
+                   help="dictionary features, or attention heads and MLPs as nodes")
+    p.add_argument("--max-feature-nodes", type=int, default=200, help="feature-node budget")
+    p.add_argument("--max-edges", type=int, default=100, help="component circuits: edges kept by attribution / ig")
+    p.add_argument("--ablation", default="patch", choices=["patch", "mean", "zero"], help="how nodes outside the circuit are ablated")
+    p.add_argument("--tau", type=float, default=0.002, help="ACDC threshold (fraction of the full-vs-empty metric gap)")
+    p.add_argument("--ig-steps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--node-threshold", type=float, default=0.8, help="--prompt: cumulative influence kept when pruning")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="--prompt: cumulative edge influence kept")
+    p.add_argument("--out", required=True, help="graph folder to write")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_trace)
+
+    q = sub.add_parser("query", help="ask a saved graph which nodes drive / are driven by a node")
+    q.add_argument("graph", help="graph folder written by `circuitgraph trace`")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--upstream", metavar="NODE_ID")
+    g.add_argument("--downstream", metavar="NODE_ID")
+    g.add_argument("--top-features", metavar="NODE_ID", help="features with the largest influence on NODE_ID")
+    g.add_argument("--paths", nargs=2, metavar=("SRC", "DST"))
+    g.add_argument("--nodes", action="store_true", help="list node ids (filtered)")
+    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--depth", type=int, default=1)
+    q.add_argument("--layer", type=int, default=None)
+    q.add_argument("--site", default=None, help="site id or kind")
+    q.add_argument("--pos", type=int, default=None)
+    q.add_argument("--kind", default=None)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=run_query)
+
+
+def _load(args: argparse.Namespace):
+    from circuitgraph.models.loading import DEFAULT_DICTS_DIR, resolve_model
+    from circuitgraph.replacement.model import ReplacementModel
+    from dictionaries.persistence import load_dictionaries
+    from dictionaries.site import expand_sites
+
+    model = resolve_model(args.model)
+    if args.granularity == "components":
+        return model, None
+    if args.dicts is None:
+        if args.model != "default":
+            raise CircuitGraphError("pass --dicts DIR: committed dictionaries exist only for --model default")
+        args.dicts = str(DEFAULT_DICTS_DIR)
+    wanted = set(expand_sites(args.sites, args.layers, model.cfg.n_layers))
+    dicts = load_dictionaries(args.dicts)
+    missing = sorted(s.id for s in wanted - set(dicts))
+    if missing:
+        raise CircuitGraphError(f"{args.dicts} has no dictionaries for {', '.join(missing)}; train them or change --sites/--layers")
+    return model, ReplacementModel(model, {s: d for s, d in dicts.items() if s in wanted})
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    from circuitgraph.tasks.registry import make_dataset
+
+    start = time.perf_counter()
+    model, rm = _load(args)
+    if args.prompt is not None:
+        summary = _trace_prompt(args, model, rm)
+    else:
+        ds = make_dataset(args.task, model, n=args.n, seed=args.seed)
+        if args.granularity == "components":
+            from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
+
+            cfg = ComponentCircuitConfig(args.method, args.max_edges, args.tau, ablation=args.ablation,
+                                         ig_steps=args.ig_steps, batch_size=args.batch_size)
+            graph, meta = trace_components(model, ds, cfg)
+        else:
+            from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
+
+            cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau, args.batch_size)
+            graph = trace_dataset(rm, ds, cfg).graph
+            meta = graph.metadata
+        graph.metadata["model"] = args.model
+        graph.metadata["dicts"] = args.dicts
+        graph.save(args.out)
+        summary = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": meta["faithfulness"],
+                   "completeness": meta["completeness"], "forward_passes": meta["forward_passes"],
+                   "seconds": time.perf_counter() - start, "n_feature_nodes": meta.get("n_feature_nodes"),
+                   "method": args.method, "granularity": args.granularity, "task": args.task, "out": args.out}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
+    return 0
+
+
+def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
+    from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
+    from circuitgraph.graph.pruning import prune_graph, scores_of
+
+    if rm is None:
+        raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
+    tokens = model.to_tokens(args.prompt, truncate=False)
+    passes0 = rm.forward_passes
+    full = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=args.max_feature_nodes))
+    passes = rm.forward_passes - passes0
+    graph = prune_graph(full, args.node_threshold, args.edge_threshold)
+    full_scores, pruned_scores = scores_of(full), scores_of(graph)
+    graph.metadata.update({"model": args.model, "dicts": args.dicts, "replacement_score": full_scores.replacement,
+                           "completeness_score": full_scores.completeness,
+                           "pruned_replacement_score": pruned_scores.replacement,
+                           "pruned_completeness_score": pruned_scores.completeness})
+    graph.save(args.out)
+    full.save(f"{args.out}/full")
+    return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
+            "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
+            "full_nodes": full.n_nodes, "full_edges": full.n_edges, "forward_passes": passes,
+            "seconds": full.metadata["seconds"], "method": "linear", "out": args.out}
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.graph import Graph
+    from circuitgraph.graph.query import NodeFilter, downstream, paths, top_features, upstream
+
+    g = Graph.load(args.graph)
+    where = NodeFilter(args.layer, args.site, args.pos, args.kind)
+    if args.paths:
+        rows = [r._asdict() for r in paths(g, args.paths[0], args.paths[1], args.top_k)]
+    elif args.nodes:
+        rows = [{"node": n.id, "activation": float(g.activation[i]), "label": g.labels[i]}
+                for i, n in enumerate(g.nodes) if where.accepts(n)][: args.top_k]
+    elif args.upstream:
+        rows = [r._asdict() for r in upstream(g, args.upstream, args.depth, args.top_k, where)]
+    elif args.downstream:
+        rows = [r._asdict() for r in downstream(g, args.downstream, args.depth, args.top_k, where)]
+    else:
+        rows = [r._asdict() for r in top_features(g, args.top_features, args.top_k, where)]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            sys.stdout.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()) + "\n")
+    return 0

@@ -85,4 +85,5 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, tau: float = 0.01, max_feat
         for s in rm.sites:
             circuit.features[s] &= scores.features[s].abs() >= thr
     per_eval = len(ablator.parts)
-    return AcdcResult(circuit, len(candidates), skipped, rm.forward_passes - passes0, n_nodes * per_eval)
+    # plain ACDC: the same two baselines, then one evaluation per node (no group skip check)
+    return AcdcResult(circuit, len(candidates), skipped, rm.forward_passes - passes0, (n_nodes + 2) * per_eval)

@@ -301,7 +301,8 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
             else:
                 removed[r, s] = False
         keep = valid & ~removed
-        extra["plain_acdc_forward_passes"] = int(valid.sum()) * len(ablator.parts)
+        # plain ACDC: the same baselines and final scores (4 evaluations), one evaluation per edge, no skip check
+        extra["plain_acdc_forward_passes"] = (int(valid.sum()) + 4) * len(ablator.parts)
     else:
         flat = (sc.scores.abs() * valid).flatten()
         k = min(cfg.max_edges, int((flat > 0).sum()))

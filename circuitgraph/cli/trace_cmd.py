@@ -8,7 +8,6 @@ import logging
 import sys
 import time
 
-
 from circuitgraph.errors import CircuitGraphError
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,10 @@ def _load(args: argparse.Namespace):
         if args.model != "default":
             raise CircuitGraphError("pass --dicts DIR: committed dictionaries exist only for --model default")
         args.dicts = str(DEFAULT_DICTS_DIR)
-    wanted = set(expand_sites(args.sites, args.layers, model.cfg.n_layers))
+    try:
+        wanted = set(expand_sites(args.sites, args.layers, model.cfg.n_layers))
+    except ValueError as err:
+        raise CircuitGraphError(str(err)) from err
     dicts = load_dictionaries(args.dicts)
     missing = sorted(s.id for s in wanted - set(dicts))
     if missing:

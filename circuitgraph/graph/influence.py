@@ -13,9 +13,8 @@ computed by power iteration with sparse products, never a dense N x N matrix.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import warnings
+from typing import NamedTuple
 
 import torch
 

@@ -1,0 +1,60 @@
+"""`circuitgraph trace` and `circuitgraph query` end to end on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circuitgraph.cli.main import main
+from circuitgraph.graph.graph import Graph
+
+
+def _json(capsys, argv) -> object:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_trace_and_query_dataset(tmp_path, capsys):
+    out = tmp_path / "g"
+    summary = _json(capsys, ["trace", "--model", "default", "--task", "greater_than", "--n", "16",
+                             "--method", "attribution", "--max-feature-nodes", "50", "--out", str(out), "--json"])
+    assert set(summary) >= {"n_nodes", "n_edges", "faithfulness", "completeness", "forward_passes", "seconds"}
+    g = Graph.load(out)
+    assert summary["n_nodes"] == g.n_nodes and summary["n_edges"] == g.n_edges
+    assert 0 < summary["faithfulness"] <= 1.2 and summary["forward_passes"] > 0
+    rows = _json(capsys, ["query", str(out), "--upstream", "metric:prob_diff", "--top-k", "5", "--json"])
+    assert 0 < len(rows) <= 5 and set(rows[0]) == {"node", "weight", "activation", "label", "hops"}
+    weights = [abs(r["weight"]) for r in rows]
+    assert weights == sorted(weights, reverse=True)
+    feats = _json(capsys, ["query", str(out), "--top-features", "metric:prob_diff", "--site", "transcoder", "--json"])
+    assert all(".transcoder#" in r["node"] for r in feats)
+
+
+def test_trace_prompt_and_components(tmp_path, capsys):
+    s = _json(capsys, ["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
+                       "--max-feature-nodes", "64", "--out", str(tmp_path / "p"), "--json"])
+    assert s["method"] == "linear" and s["n_nodes"] < s["full_nodes"]
+    assert 0 < s["replacement_score"] <= 1 and 0 < s["completeness_score"] <= 1
+    g = Graph.load(tmp_path / "p")
+    top = g.nodes[int(g.target_weights.argmax())].id
+    rows = _json(capsys, ["query", str(tmp_path / "p"), "--upstream", top, "--json"])
+    assert rows
+    c = _json(capsys, ["trace", "--granularity", "components", "--task", "ioi", "--n", "16", "--method", "attribution",
+                       "--max-edges", "40", "--out", str(tmp_path / "c"), "--json"])
+    assert c["n_edges"] == 40 and c["faithfulness"] > 0.5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["trace", "--sites", "mlp_out,transcoder", "--task", "ioi", "--n", "4"], "both replace"),
+    (["trace", "--task", "nope", "--n", "4"], "unknown task"),
+    (["trace", "--sites", "resid_post", "--layers", "7", "--task", "ioi", "--n", "4"], "out of range"),
+])
+def test_trace_bad_input(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_query_bad_input(tmp_path, capsys):
+    assert main(["query", str(tmp_path / "none"), "--upstream", "tok@0"]) == 2
+    assert "missing" in capsys.readouterr().err

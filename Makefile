@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint clean bench-env
+.PHONY: setup demo test lint clean bench-env bench-ct-env
 
 setup: $(VENV)/.installed
 
@@ -42,4 +42,15 @@ bench-env: .venv-bench/.installed
 	.venv-bench/bin/python -m pip install -q $(TORCH_SPEC)
 	.venv-bench/bin/python -m pip install -q sae-lens
 	.venv-bench/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# circuit-tracer pins transformers<=4.57 (SAELens wants newer), so it gets its own environment
+bench-ct-env: .venv-ct/.installed
+
+.venv-ct/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-ct
+	.venv-ct/bin/python -m pip install -q --upgrade pip
+	.venv-ct/bin/python -m pip install -q $(TORCH_SPEC)
+	.venv-ct/bin/python -m pip install -q circuit-tracer
+	.venv-ct/bin/python -m pip install -q -e ".[dev]"
 	touch $@

@@ -140,6 +140,7 @@ class ModelHooks:
     embed = "hook_embed"
     pos_embed = "hook_pos_embed"
     final_scale = "ln_final.hook_scale"
+    unembed_in = "unembed.hook_in"
 
     @staticmethod
     def pattern(layer: int) -> str:

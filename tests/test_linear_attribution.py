@@ -31,7 +31,8 @@ def _frozen_value(rm: ReplacementModel, tokens, clean, node, source, source_pos,
     elif which == "token":
         embed[0, source_pos] = 0
     with torch.no_grad():
-        run = rm.run(tokens, SpliceSpec(latents=lat, errors=err, embed=embed, frozen=clean.frozen))
+        run = rm.run(tokens, SpliceSpec(latents=lat, errors=err, embed=embed, frozen=clean.frozen,
+                                         record_active_values=True))
     if node.kind == "logit":
         row = run.logits[0, node.pos]
         return float(row[node.index] - row.mean())

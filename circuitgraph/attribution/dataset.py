@@ -206,7 +206,7 @@ def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], sco
         lat_leaf = {s: v.clean_latents[s].clone().requires_grad_(True) for s in sites}
         err_leaf = {s: v.clean_errors[s].clone().requires_grad_(True) for s in sites}
         with torch.enable_grad():
-            run = rm.run(b.clean_tokens, SpliceSpec(latents=lat_leaf, errors=err_leaf))
+            run = rm.run(b.clean_tokens, SpliceSpec(latents=lat_leaf, errors=err_leaf, record_active_values=True))
             m = metric_of(run.logits, b).sum()
             outs = [m]
             for i in targets:

@@ -49,6 +49,8 @@ class LinearAttributionConfig:
     """Most logit targets (the likeliest next tokens)."""
     logit_probability: float = 0.95
     """Logit targets are added until their probabilities sum to this."""
+    update_interval: int = 4
+    """Batches between recomputations of the influence ranking that orders feature targets."""
     min_edge: float = 0.0
     """Edges with ``|weight| <= min_edge`` are not stored."""
     progress: bool = True
@@ -143,82 +145,130 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
         out_weights.append(1.0)
         out_weights = [w if n.kind == "metric" else 0.0 for n, w in zip(out_nodes, out_weights, strict=True)]
 
-    # --- leaves and the frozen forward ----------------------------------------------------------
-    # Each batch of targets runs the prompt as a batch of copies, copy i carrying target i: one
-    # ordinary backward of the sum gives every target's gradient (faster than vmap'd backward).
+    # --- frozen forward passes ----------------------------------------------------------------------
+    # The prompt runs as a batch of copies; copy i carries target i of a batch. The forward graph
+    # is kept and every batch of targets is one ordinary backward pass through it, seeded on the
+    # unembedding input (logit and metric targets) and on the site inputs (a feature target's
+    # gradient there is its active direction). Leaves: the embeddings and a zero offset on every
+    # site output; a feature's edge is its activation times (output gradient . decoder row).
     site_ids = [s.id for s in sites]
+    dec = {s: rm.dicts[s].decoder_directions().detach() for s in sites}  # [d_dict, d_out]
+    enc = {s: rm.dicts[s].active_directions().detach() for s in sites}  # [d_in, d_dict]
+    w_u = model.W_U.detach()  # [d_model, vocab]
+    w_u_centred = w_u - w_u.mean(1, keepdim=True)
 
-    def rows_for(batch: list[Node]) -> torch.Tensor:
-        """``[len(batch), n_sources]`` direct edge weights into each target of ``batch``."""
-        n = len(batch)
+    def frozen_graph(n: int):
         embed_leaf = embed.expand(n, -1, -1).clone().requires_grad_(True)
-        lat_leaf = {s: clean.sites[s].latents.expand(n, -1, -1).clone().requires_grad_(True) for s in sites}
-        err_leaf = {s: clean.sites[s].errors.expand(n, -1, -1).clone().requires_grad_(True) for s in sites}
-        spec = SpliceSpec(latents=lat_leaf, errors=err_leaf, embed=embed_leaf, frozen=clean.frozen)
-        with torch.enable_grad():
-            run = rm.run(tokens.expand(n, -1), spec)
-            outs = []
-            for i, node in enumerate(batch):
+        offsets = {s: torch.zeros(n, n_pos, dec[s].shape[1], dtype=embed.dtype, requires_grad=True) for s in sites}
+        spec = SpliceSpec(latents={s: clean.sites[s].latents.expand(n, -1, -1) for s in sites},
+                          errors={s: clean.sites[s].errors.expand(n, -1, -1) for s in sites},
+                          embed=embed_leaf, frozen=clean.frozen, offsets=offsets)
+        rm.forward_passes += 1
+        with torch.enable_grad(), rm.spliced(spec) as record:
+            # stop before the unembedding (a full-vocabulary product per copy is not needed):
+            # targets on outputs are seeded on the final normalised residual instead
+            resid = model(tokens.expand(n, -1), stop_at_layer=model.cfg.n_layers)
+            unembed_in = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+        return dict(record), unembed_in, [embed_leaf, *offsets.values()]
+
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (sources, target keys, weights)
+    visited: list[int] = []  # target keys: source index, or n_sources + output index
+
+    starts = torch.tensor([lo for lo, _ in slices])
+
+    def site_of_key(key: int) -> int:
+        return int((starts <= key).sum()) - 1
+
+    def key_pos(key: int) -> int:
+        node = out_nodes[key - n_sources] if key >= n_sources else nodes[key]
+        return n_pos - 1 if node.pos is None else node.pos
+
+    def visit(batch_keys: list[int], graph) -> None:
+        record, unembed_in, leaves = graph
+        batch_keys = sorted(batch_keys, key=key_pos)  # rows by position: causality bounds the work below
+        row_pos = torch.tensor([key_pos(k) for k in batch_keys])
+        n = len(batch_keys)
+        seeds: dict = {}
+        seed_out = None
+        feat_rows: dict[int, list[tuple[int, int, int]]] = {}  # site index -> (row, pos, feature)
+        for i, key in enumerate(batch_keys):
+            if key >= n_sources:
+                node = out_nodes[key - n_sources]
+                if seed_out is None:
+                    seed_out = torch.zeros_like(unembed_in)
                 if node.kind == "logit":
-                    row = run.logits[i, node.pos]
-                    outs.append(row[node.index] - row.mean())
-                elif node.kind == "metric":
-                    outs.append((run.logits[i, metric.pos % n_pos] * metric.coefficients.to(run.logits.dtype)).sum())
+                    seed_out[i, node.pos] = w_u_centred[:, node.index]
                 else:
-                    site = sites[site_ids.index(node.site)]
-                    outs.append(run.sites[site].active_value[i, node.pos, node.index])
-            leaves = [embed_leaf, *lat_leaf.values(), *err_leaf.values()]
-            grads = torch.autograd.grad(torch.stack(outs).sum(), leaves, allow_unused=True)
+                    seed_out[i, metric.pos % n_pos] = w_u @ metric.coefficients.to(w_u.dtype)
+            else:
+                si = site_of_key(key)
+                j = key - slices[si][0]
+                feat_rows.setdefault(si, []).append((i, int(site_pos[si][j]), int(site_feat[si][j])))
+        for si, entries in feat_rows.items():
+            site = sites[si]
+            r, p_, f_ = (torch.tensor(x) for x in zip(*entries, strict=True))
+            seeds[site] = torch.zeros_like(record[site].inputs)
+            seeds[site][r, p_] = enc[site][:, f_].T
+        outs = [record[s].inputs for s in seeds] + ([unembed_in] if seed_out is not None else [])
+        grad_outs = list(seeds.values()) + ([seed_out] if seed_out is not None else [])
+        with torch.enable_grad():
+            grads = torch.autograd.grad(outs, leaves, grad_outputs=grad_outs, allow_unused=True, retain_graph=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
-        g_embed, g_lat, g_err = grads[0], grads[1 : 1 + len(sites)], grads[1 + len(sites) :]
-        row = torch.zeros(n, n_sources, dtype=torch.float32)
-        row[:, :n_pos] = (g_embed * embed[0]).sum(-1)
+        row = torch.zeros(n, n_sources, dtype=embed.dtype)
+        row[:, :n_pos] = (grads[0][:n] * embed[0]).sum(-1)
         for i, site in enumerate(sites):
+            g_out = grads[1 + i][:n]  # [n, P, d_out]
             lo, hi = slices[i]
             p, f = site_pos[i], site_feat[i]
-            row[:, lo:hi] = g_lat[i][:, p, f] * clean.sites[site].latents[0, p, f]
+            row[:, lo:hi] = _feature_edges(g_out, dec[site], p, f, clean.sites[site].latents[0, p, f], row_pos)
             e_lo = err_start + i * (n_pos - 1)
-            row[:, e_lo : e_lo + n_pos - 1] = (g_err[i][:, 1:] * clean.sites[site].errors[0, 1:]).sum(-1)
-        return row.detach()
+            row[:, e_lo : e_lo + n_pos - 1] = (g_out[:, 1:] * clean.sites[site].errors[0, 1:]).sum(-1)
+        t_idx, s_idx = (row.abs() > cfg.min_edge).nonzero(as_tuple=True)
+        keys = torch.tensor(batch_keys, dtype=torch.long)
+        chunks.append((s_idx, keys[t_idx], row[t_idx, s_idx].detach()))
+        visited.extend(batch_keys)
 
-    # --- visit targets --------------------------------------------------------------------------
-    visited_rows: dict[int, torch.Tensor] = {}  # target key -> row; keys: feature index or n_sources + output index
-    out_keys = list(range(n_sources, n_sources + len(out_nodes)))
-    out_weight_t = torch.zeros(n_sources + len(out_nodes), dtype=torch.float64)
+    n_all = n_sources + len(out_nodes)
+    out_weight_t = torch.zeros(n_all, dtype=torch.float64)
     out_weight_t[n_sources:] = torch.tensor(out_weights, dtype=torch.float64)
-    bar = tqdm(total=len(out_nodes) + min(cfg.max_feature_nodes, n_feat_end - n_pos), desc="attribution",
-               disable=not cfg.progress, leave=False)
-    for b in range(0, len(out_nodes), cfg.batch_size):
-        batch = out_nodes[b : b + cfg.batch_size]
-        for k, r in zip(out_keys[b : b + cfg.batch_size], rows_for(batch), strict=True):
-            visited_rows[k] = r
-        bar.update(len(batch))
+    budget = min(cfg.max_feature_nodes, n_feat_end - n_pos)
+    bar = tqdm(total=len(out_nodes) + budget, desc="attribution", disable=not cfg.progress, leave=False)
+    out_keys = list(range(n_sources, n_all))
+    small = frozen_graph(min(len(out_nodes), cfg.batch_size))  # outputs first, in a small batch
+    for b in range(0, len(out_keys), cfg.batch_size):
+        visit(out_keys[b : b + cfg.batch_size], small)
+        bar.update(len(out_keys[b : b + cfg.batch_size]))
+    del small
     n_visited_feat = 0
-    while n_visited_feat < cfg.max_feature_nodes and n_feat_end > n_pos:
-        inf = _partial_influence(visited_rows, n_sources + len(out_nodes), out_weight_t)[n_pos:n_feat_end]
-        visited_mask = torch.zeros(n_feat_end - n_pos, dtype=torch.bool)
-        for k in visited_rows:
-            if n_pos <= k < n_feat_end:
-                visited_mask[k - n_pos] = True
-        inf[visited_mask] = -1
-        take = min(cfg.batch_size, cfg.max_feature_nodes - n_visited_feat)
-        cand = torch.argsort(inf, descending=True)[:take]
-        cand = cand[inf[cand] > 0]
-        if cand.numel() == 0:
-            break
-        keys = (cand + n_pos).tolist()
-        for k, r in zip(keys, rows_for([nodes[k] for k in keys]), strict=True):
-            visited_rows[k] = r
-        n_visited_feat += len(keys)
-        bar.update(len(keys))
+    if budget > 0:
+        big = frozen_graph(min(cfg.batch_size, budget))
+        n_copies = big[1].shape[0]
+        queue: list[int] = []
+        since_update = cfg.update_interval
+        done = set(visited)
+        while n_visited_feat < budget:
+            if since_update >= cfg.update_interval or not queue:
+                src, tgt, w = (torch.cat(x) for x in zip(*chunks, strict=True))
+                inf = influence(normalised_adjacency(src, tgt, w, n_all), out_weight_t)[n_pos:n_feat_end]
+                order = torch.argsort(inf, descending=True)
+                queue = [k for k in (order[inf[order] > 0] + n_pos).tolist() if k not in done]
+                since_update = 0
+            keys, queue = queue[: min(n_copies, budget - n_visited_feat)], queue[min(n_copies, budget - n_visited_feat) :]
+            if not keys:
+                break
+            visit(keys, big)
+            done.update(keys)
+            n_visited_feat += len(keys)
+            since_update += 1
+            bar.update(len(keys))
+        del big
     bar.close()
 
     # --- biases: every leaf at zero --------------------------------------------------------------
-    visited_keys = sorted(visited_rows)
     with torch.no_grad():
         zero = SpliceSpec(latents={s: torch.zeros_like(clean.sites[s].latents) for s in sites},
                           errors={s: torch.zeros_like(clean.sites[s].errors) for s in sites},
-                          embed=torch.zeros_like(embed), frozen=clean.frozen)
+                          embed=torch.zeros_like(embed), frozen=clean.frozen, record_active_values=True)
         zrun = rm.run(tokens, zero)
         zlog = zrun.logits[0] - zrun.logits[0].mean(-1, keepdim=True)
 
@@ -227,40 +277,32 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
             node = out_nodes[key - n_sources]
             if node.kind == "logit":
                 return float(zlog[node.pos, node.index])
-            return float((zrun.logits[0, metric.pos % n_pos] * metric.coefficients).sum())
+            return float((zrun.logits[0, metric.pos % n_pos] * metric.coefficients.to(zrun.logits.dtype)).sum())
         node = nodes[key]
-        site = sites[site_ids.index(node.site)]
-        return float(zrun.sites[site].active_value[0, node.pos, node.index])
+        return float(zrun.sites[sites[site_ids.index(node.site)]].active_value[0, node.pos, node.index])
 
     # --- assemble: tokens, visited features, errors, outputs ---------------------------------------
     keep = torch.zeros(n_sources, dtype=torch.bool)
     keep[:n_pos] = True
     keep[err_start:] = True
-    for k in visited_keys:
-        if k < n_sources:
-            keep[k] = True
-    new_index = torch.full((n_sources + len(out_nodes),), -1, dtype=torch.long)
+    feat_keys = torch.tensor([k for k in visited if k < n_sources], dtype=torch.long)
+    keep[feat_keys] = True
+    new_index = torch.full((n_all,), -1, dtype=torch.long)
     kept = keep.nonzero().squeeze(1)
     new_index[kept] = torch.arange(kept.numel())
     new_index[n_sources:] = torch.arange(kept.numel(), kept.numel() + len(out_nodes))
-    src_l, tgt_l, w_l = [], [], []
-    for k in visited_keys:
-        row = visited_rows[k]
-        nz = ((row.abs() > cfg.min_edge) & keep & (row != 0)).nonzero().squeeze(1)
-        src_l.append(new_index[nz])
-        tgt_l.append(torch.full((nz.numel(),), int(new_index[k])))
-        w_l.append(row[nz])
+    src, tgt, w = (torch.cat(x) for x in zip(*chunks, strict=True))
+    ok = keep[src]
     n_total = kept.numel() + len(out_nodes)
-    bias = torch.full((n_total,), float("nan"))
-    for k in visited_keys:
+    bias = torch.full((n_total,), float("nan"), dtype=embed.dtype)
+    for k in visited:
         bias[new_index[k]] = zero_value(k)
-    all_nodes = [nodes[i] for i in kept.tolist()] + out_nodes
     graph = Graph(
-        nodes=all_nodes,
-        activation=torch.tensor([values[i] for i in kept.tolist()] + out_values, dtype=torch.float32),
-        sources=torch.cat(src_l) if src_l else torch.zeros(0, dtype=torch.long),
-        targets=torch.cat(tgt_l) if tgt_l else torch.zeros(0, dtype=torch.long),
-        weights=torch.cat(w_l) if w_l else torch.zeros(0),
+        nodes=[nodes[i] for i in kept.tolist()] + out_nodes,
+        activation=torch.tensor([values[i] for i in kept.tolist()] + out_values, dtype=embed.dtype),
+        sources=new_index[src[ok]],
+        targets=new_index[tgt[ok]],
+        weights=w[ok],
         target_weights=torch.tensor([0.0] * kept.numel() + out_weights, dtype=torch.float32),
         labels=[labels[i] for i in kept.tolist()] + out_labels,
         bias=bias,
@@ -276,18 +318,26 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
             "seconds": time.perf_counter() - start,
         },
     )
-    log.info("attributed %d targets, %d edges in %.2f s", len(visited_keys), graph.n_edges, graph.metadata["seconds"])
+    log.info("attributed %d targets, %d edges in %.2f s", len(visited), graph.n_edges, graph.metadata["seconds"])
     return graph
 
 
-def _partial_influence(rows: dict[int, torch.Tensor], n: int, out_weights: torch.Tensor) -> torch.Tensor:
-    """Influence on the outputs through the rows computed so far."""
-    src, tgt, w = [], [], []
-    for k, r in rows.items():
-        nz = (r != 0).nonzero().squeeze(1)
-        src.append(nz)
-        tgt.append(torch.full((nz.numel(),), k))
-        w.append(r[nz])
-    sources, targets = torch.cat(src), torch.cat(tgt)
-    a = normalised_adjacency(sources, targets, torch.cat(w), n)
-    return influence(a, out_weights)
+def _feature_edges(g_out: torch.Tensor, dec: torch.Tensor, p: torch.Tensor, f: torch.Tensor, values: torch.Tensor,
+                   row_pos: torch.Tensor, chunks: int = 4) -> torch.Tensor:
+    """``[n, A]`` edges from the ``A`` active features ``(p, f)`` of one site into ``n`` targets:
+    ``values * (g_out[:, p] . dec[f])``. Rows are sorted by target position; a target at position
+    t has zero gradient after t, so each chunk of rows only multiplies the positions up to its
+    last target, and rows with no gradient at this site are skipped."""
+    n = g_out.shape[0]
+    out = torch.zeros(n, p.numel(), dtype=g_out.dtype)
+    live = g_out.flatten(1).abs().amax(1) > 0  # [n]
+    step = max(1, -(-n // chunks))
+    for lo in range(0, n, step):
+        rows = torch.arange(lo, min(n, lo + step))[live[lo : lo + step]]
+        if rows.numel() == 0:
+            continue
+        last = int(row_pos[rows].max()) + 1
+        cols = (p < last).nonzero().squeeze(1)
+        prod = g_out[rows, :last] @ dec.T  # [r, last, d_dict]
+        out[rows.unsqueeze(1), cols.unsqueeze(0)] = prod[:, p[cols], f[cols]]
+    return out * values

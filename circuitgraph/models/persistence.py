@@ -86,6 +86,9 @@ def load_model(folder: str | Path, device: str = "cpu") -> HookedTransformer:
         raise ModelLoadError(f"{w_path} is corrupt or truncated ({err}); re-save the model") from err
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     expected = model.state_dict()
+    # causal masks and IGNORE constants are rebuilt from the config (their layout differs between
+    # TransformerLens versions), so saved copies are never loaded
+    state = {k: v for k, v in state.items() if not k.endswith(("IGNORE", "mask"))}
     mismatched = [
         k for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]

@@ -59,6 +59,11 @@ class SpliceSpec:
     """``[B, P, d_model]`` replacement for the token embeddings (a leaf for token nodes)."""
     frozen: FrozenState | None = None
     """Recorded attention patterns, normalisation scales and MLP gates to hold fixed."""
+    offsets: Mapping[Site, torch.Tensor] = field(default_factory=dict)
+    """Added to a site's output (zero leaves here give the gradient at the site output)."""
+    record_active_values: bool = False
+    """Compute every latent's affine pre-activation (:attr:`SiteRecord.active_value`); costs a dense
+    encoder product per site."""
 
 
 class SiteRecord(NamedTuple):
@@ -68,9 +73,11 @@ class SiteRecord(NamedTuple):
     """``[B, P, d_dict]`` the latents used (after edits)."""
     errors: torch.Tensor
     """``[B, P, d_out]`` the error terms used (after edits)."""
-    active_value: torch.Tensor
-    """``[B, P, d_dict]`` the affine pre-activation of every latent, computed from the site input
-    and connected to the autograd graph (attribution targets)."""
+    inputs: torch.Tensor
+    """``[B, P, d_in]`` the site input, connected to the autograd graph."""
+    active_value: torch.Tensor | None
+    """``[B, P, d_dict]`` the affine pre-activation of every latent (what an active latent equals),
+    computed from the site input; only with ``SpliceSpec.record_active_values``."""
 
 
 class RunResult(NamedTuple):
@@ -123,7 +130,7 @@ class ReplacementModel:
             x = saved.pop("x") if site.is_transcoder else act
             b, p = act.shape[:2]
             x_flat = x.reshape(b * p, -1)
-            active = d.active_value(x_flat).reshape(b, p, -1)
+            active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
             skip = d.skip_term(x_flat).reshape(b, p, -1)
             if site in spec.latents:
                 latents = spec.latents[site]
@@ -137,11 +144,13 @@ class ReplacementModel:
                 latents = spec.edit_latents(site, latents)
             if spec.edit_errors is not None:
                 errors = spec.edit_errors(site, errors)
-            out[site] = SiteRecord(latents, errors, active)
-            untouched = site not in spec.latents and site not in spec.errors
+            out[site] = SiteRecord(latents, errors, x.reshape(b, p, -1), active)
+            untouched = site not in spec.latents and site not in spec.errors and site not in spec.offsets
             if untouched and spec.edit_latents is None and spec.edit_errors is None:
                 return act  # decode(encode(x)) + (x - decode(encode(x))) is x: return it bit-exactly
             new = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip + errors
+            if site in spec.offsets:
+                new = new + spec.offsets[site]
             new = torch.cat([act[:, :1].reshape(b, 1, -1), new[:, 1:]], dim=1)
             return new.reshape(act.shape).to(act.dtype)
 

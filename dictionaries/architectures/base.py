@@ -96,6 +96,11 @@ class SparseDictionary(nn.Module, abc.ABC):
         latent wherever it is active (the quantity a circuit graph attributes). Default: ``pre_acts``."""
         return self.pre_acts(x * self.norm_in)
 
+    def active_directions(self) -> torch.Tensor:
+        """``[d_in, d_dict]``: the linear part of :meth:`active_value` in model units, so that
+        ``active_value(x) = x @ active_directions() + const`` (the gradient a graph target seeds)."""
+        return self.W_enc * self.norm_in
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[N, d_dict]`` latents -> ``[N, d_out]`` in model units (without the skip term)."""
         return (latents @ self.W_dec + self.b_dec) / self.norm_out

@@ -36,6 +36,9 @@ class GatedDictionary(SparseDictionary):
         pre = self.pre_acts(x * self.norm_in)
         return (pre - self.b_enc) * self.r_mag.exp() + self.b_mag
 
+    def active_directions(self) -> torch.Tensor:
+        return self.W_enc * self.r_mag.exp() * self.norm_in
+
     def sparsity_loss(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return self.cfg.l1_coeff * (torch.relu(pre) * self.W_dec.norm(dim=1)).sum(-1).mean()
 

@@ -1,0 +1,1 @@
+"""Feature-level tools: descriptions, interventions and supernodes."""

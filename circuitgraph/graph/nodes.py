@@ -9,6 +9,7 @@ error       ``L2.transcoder#err@5``        that dictionary's error term at posit
 logit       ``logit#1234@9``               the (mean-centred) logit of token 1234 at position 9
 metric      ``metric:logit_diff``          a custom linear target (e.g. answer - wrong logit)
 component   ``L1.head2@5`` / ``L1.mlp@5``  an attention head's or MLP's output (component graphs)
+supernode   ``super:name``                 a group of features collapsed into one node
 =========== ============================== ==========================================
 
 Dataset graphs aggregate over positions; their ids drop the ``@pos`` suffix (``L2.transcoder#123``).
@@ -22,7 +23,7 @@ from typing import Literal, get_args
 
 from circuitgraph.errors import CircuitGraphError
 
-NodeKind = Literal["token", "feature", "error", "logit", "metric", "component"]
+NodeKind = Literal["token", "feature", "error", "logit", "metric", "component", "supernode"]
 NODE_KINDS: tuple[str, ...] = get_args(NodeKind)
 
 _PATTERNS = [
@@ -31,6 +32,7 @@ _PATTERNS = [
     ("feature", re.compile(r"^(?P<site>L\d+\.[a-z_]+)#(?P<index>\d+)(?:@(?P<pos>\d+))?$")),
     ("logit", re.compile(r"^logit#(?P<index>\d+)(?:@(?P<pos>\d+))?$")),
     ("metric", re.compile(r"^metric:(?P<name>[\w.-]+)$")),
+    ("supernode", re.compile(r"^super:(?P<name>[\w.-]+)$")),
     ("component", re.compile(r"^(?P<site>L\d+\.(?:head\d+|mlp|attn))(?:@(?P<pos>\d+))?$")),
 ]
 
@@ -66,6 +68,8 @@ class Node:
             return f"logit#{self.index}{at}"
         if self.kind == "metric":
             return f"metric:{self.name}"
+        if self.kind == "supernode":
+            return f"super:{self.name}"
         return f"{self.site}{at}"
 
     @property

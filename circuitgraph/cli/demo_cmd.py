@@ -20,7 +20,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--n", type=int, default=200, help="prompts per task")
     p.add_argument("--dict-seqs", type=int, default=16, help="held-out sequences for the dictionary metrics")
+    p.add_argument("--graph-out", default="runs/ioi_circuit", help="where the IOI circuit graph is written")
     p.set_defaults(func=run)
+
+
+def _ioi_circuit(model, dicts, out: str) -> dict:
+    """Build the IOI circuit (attention-z and transcoder features), print its faithfulness and the
+    features that drive the answer's logit difference, write the graph."""
+    from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
+    from circuitgraph.cli.trace_cmd import describe_into
+    from circuitgraph.replacement import ReplacementModel
+    from circuitgraph.tasks.registry import make_dataset
+
+    rm = ReplacementModel(model, {s: d for s, d in dicts.items() if s.kind in ("attn_z", "transcoder")})
+    ds = make_dataset("ioi", model, n=64, seed=0)
+    res = trace_dataset(rm, ds, CircuitConfig("attribution", max_feature_nodes=200))
+    describe_into(res.graph, rm, argparse.Namespace(describe_seqs=128, model="default"), ds.clean_tokens)
+    res.graph.save(out)
+    print(f"IOI circuit: {res.graph.metadata['n_feature_nodes']} features + {res.graph.metadata['n_error_nodes']} error nodes, "
+          f"faithfulness {res.scores.faithfulness:.3f}, completeness {res.scores.completeness:.3f} -> {out}")
+    print("top upstream nodes of metric:logit_diff (direct edges):")
+    for r in res.graph.upstream("metric:logit_diff", top_k=8):
+        print(f"  {r.node:22s} weight={r.weight:+.3f}  {r.label}")
+    return {"faithfulness": res.scores.faithfulness, "completeness": res.scores.completeness,
+            "n_nodes": res.graph.n_nodes, "n_edges": res.graph.n_edges, "out": out}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for site, m in sorted(metrics.items()):
             print(f"  {site.id:16s} L0={m.l0:5.1f}  FVU={m.fvu:.3f}  dead={m.dead_frac:.3f}  CE_recovered={m.ce_recovered:.3f}")
         results["dictionaries"] = {s.id: m.summary() for s, m in sorted(metrics.items())}
+        results["ioi_circuit"] = _ioi_circuit(model, dicts, args.graph_out)
     print(json.dumps(results))
     print(f"done in {time.time() - t0:.1f} s")
     return 0

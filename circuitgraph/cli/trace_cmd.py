@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--node-threshold", type=float, default=0.8, help="--prompt: cumulative influence kept when pruning")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="--prompt: cumulative edge influence kept")
+    p.add_argument("--describe-seqs", type=int, default=128,
+                   help="corpus sequences used to describe the graph's features (features.json, node labels); 0: skip")
     p.add_argument("--out", required=True, help="graph folder to write")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_trace)
@@ -103,6 +105,8 @@ def run_trace(args: argparse.Namespace) -> int:
             meta = graph.metadata
         graph.metadata["model"] = args.model
         graph.metadata["dicts"] = args.dicts
+        if rm is not None:
+            describe_into(graph, rm, args, ds.clean_tokens)
         graph.save(args.out)
         summary = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": meta["faithfulness"],
                    "completeness": meta["completeness"], "forward_passes": meta["forward_passes"],
@@ -132,12 +136,37 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
                            "completeness_score": full_scores.completeness,
                            "pruned_replacement_score": pruned_scores.replacement,
                            "pruned_completeness_score": pruned_scores.completeness})
+    describe_into(graph, rm, args, tokens)
     graph.save(args.out)
     full.save(f"{args.out}/full")
     return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
             "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
             "full_nodes": full.n_nodes, "full_edges": full.n_edges, "forward_passes": passes,
             "seconds": full.metadata["seconds"], "method": "linear", "out": args.out}
+
+
+def describe_into(graph, rm, args: argparse.Namespace, fallback_tokens) -> None:
+    """Describe the graph's feature nodes (contexts, promoted tokens), label them, and keep the
+    cards for :meth:`save` (``features.json``). The corpus: the toy corpus for the embedded model,
+    else the traced prompts themselves."""
+    from circuitgraph.features.descriptions import describe_features
+    from dictionaries.site import Site
+
+    if args.describe_seqs <= 0:
+        return
+    if args.model == "default":
+        from circuitgraph.toylang.corpus import ToyCorpus
+
+        corpus = ToyCorpus().sequences(9_000_000, args.describe_seqs)[:, :64]
+    else:
+        corpus = fallback_tokens[: args.describe_seqs]
+    wanted = sorted({(Site.parse(n.site), n.index) for n in graph.nodes if n.kind == "feature"})
+    cards = describe_features(rm, wanted, corpus)
+    for i, node in enumerate(graph.nodes):
+        card = cards.get(f"{node.site}#{node.index}") if node.kind == "feature" else None
+        if card is not None:
+            graph.labels[i] = card.label
+    graph.features = {k: c.to_dict() for k, c in cards.items()}
 
 
 def run_query(args: argparse.Namespace) -> int:

@@ -74,7 +74,6 @@ def describe_features(rm: ReplacementModel, features: list[tuple[Site, int]], co
         run = rm.run(corpus[b0 : b0 + batch_size])
         for s, fi in idx.items():
             acts[s][b0 : b0 + batch_size] = run.sites[s].latents[:, :, fi]
-    total = n * (p_len - 1)
     cards: dict[str, FeatureCard] = {}
     for s, fi in idx.items():
         eff = logit_effects(model, s, rm.dicts[s])[fi]  # [F, vocab]

@@ -51,6 +51,9 @@ class Graph:
     """``[N]`` for dataset graphs: each node's attribution score (total effect on the metric)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """JSON-able: prompts, model, dictionaries, method, thresholds, scores."""
+    features: dict[str, Any] = field(default_factory=dict)
+    """Feature cards keyed ``<site>#<feature>`` (see :mod:`circuitgraph.features.descriptions`);
+    saved as ``features.json``."""
 
     def __post_init__(self) -> None:
         n = len(self.nodes)
@@ -138,6 +141,7 @@ class Graph:
             bias=None if self.bias is None else self.bias[keep_nodes],
             node_scores=None if self.node_scores is None else self.node_scores[keep_nodes],
             metadata=dict(self.metadata),
+            features=self.features,
         )
 
     # --- persistence ---------------------------------------------------------------------
@@ -164,6 +168,10 @@ class Graph:
         tmp = folder / "graph.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, folder / "graph.json")
+        if self.features:
+            tmp = folder / "features.json.tmp"
+            tmp.write_text(json.dumps(self.features))
+            os.replace(tmp, folder / "features.json")
         return folder
 
     @classmethod
@@ -185,10 +193,17 @@ class Graph:
             t = load_file(str(tpath))
         except (SafetensorError, OSError) as err:
             raise CircuitGraphError(f"{tpath} is corrupt or truncated ({err}); re-run the trace that wrote it") from err
+        features = {}
+        if (folder / "features.json").is_file():
+            try:
+                features = json.loads((folder / "features.json").read_text())
+            except json.JSONDecodeError as err:
+                raise CircuitGraphError(f"{folder / 'features.json'} is corrupt ({err}); re-run the trace") from err
         try:
             return cls(nodes=nodes, activation=t["activation"], sources=t["sources"], targets=t["targets"],
                        weights=t["weights"], target_weights=t["target_weights"], labels=doc.get("labels", []),
-                       bias=t.get("bias"), node_scores=t.get("node_scores"), metadata=doc.get("metadata", {}))
+                       bias=t.get("bias"), node_scores=t.get("node_scores"), metadata=doc.get("metadata", {}),
+                       features=features)
         except KeyError as err:
             raise CircuitGraphError(f"{tpath} lacks tensor {err}; the graph is corrupt") from err
 

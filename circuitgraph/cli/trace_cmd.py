@@ -57,6 +57,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_query)
 
+    v = sub.add_parser("view", help="write the offline HTML viewer of a graph")
+    v.add_argument("graph", help="graph folder written by `circuitgraph trace`")
+    v.add_argument("--out", default="circuit.html")
+    v.add_argument("--max-nodes", type=int, default=500, help="larger graphs are shown pruned by influence")
+    v.add_argument("--open", action="store_true", help="open the page in the default browser")
+    v.set_defaults(func=run_view)
+
+    e = sub.add_parser("export", help="export a graph for other tools")
+    e.add_argument("graph", help="graph folder written by `circuitgraph trace`")
+    e.add_argument("--format", required=True, choices=["circuit-tracer", "node-link", "graphml"])
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=run_export)
+
 
 def _load(args: argparse.Namespace):
     from circuitgraph.models.loading import DEFAULT_DICTS_DIR, resolve_model
@@ -191,4 +204,25 @@ def run_query(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             sys.stdout.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()) + "\n")
+    return 0
+
+
+def run_view(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.graph import Graph
+    from circuitgraph.viewer.html import to_html
+
+    path = to_html(Graph.load(args.graph), args.out, args.max_nodes)
+    print(path)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.graph import Graph
+    from circuitgraph.viewer.export import export_graph
+
+    print(export_graph(Graph.load(args.graph), args.out, args.format))
     return 0

@@ -1,0 +1,115 @@
+"""The offline HTML viewer, its security, exports, and (when Chromium exists) a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import networkx as nx
+import pytest
+import torch
+
+from circuitgraph.cli.main import main
+from circuitgraph.graph.graph import Graph
+from circuitgraph.graph.nodes import Node
+from circuitgraph.viewer.export import circuit_tracer_json, export_graph
+from circuitgraph.viewer.html import render_html, to_html
+
+HOSTILE = ['<script>window.cgPwned=1</script>', '"><img src=x onerror="window.cgPwned=2">', "</script><b>x</b>"]
+
+
+def hostile_graph() -> Graph:
+    nodes = [Node("token", -1, pos=0), Node("token", -1, pos=1), Node("feature", 0.7, "L0.transcoder", 3, 1),
+             Node("feature", 1.7, "L1.transcoder", 9, 1), Node("error", 0.7, "L0.transcoder", pos=1),
+             Node("logit", 2, index=4, pos=1)]
+    card = {"site": "L0.transcoder", "feature": 3, "label": HOSTILE[0], "density": 0.1,
+            "contexts": [{"tokens": [HOSTILE[1], " a", HOSTILE[2]], "activations": [0.0, 1.0, 2.0], "peak": 2}],
+            "promoted": [[HOSTILE[0], 1.0]], "suppressed": [[HOSTILE[1], -1.0]]}
+    return Graph(nodes, torch.tensor([0, 0, 1.0, 2.0, 0.3, 5.0]), torch.tensor([0, 1, 2, 4, 3, 2]),
+                 torch.tensor([2, 2, 3, 3, 5, 5]), torch.tensor([0.5, 1.0, 2.0, -0.5, 3.0, -1.0]),
+                 torch.tensor([0, 0, 0, 0, 0, 1.0]), labels=[HOSTILE[0], HOSTILE[1], HOSTILE[2], "f9", "err", "x"],
+                 metadata={"prompt": HOSTILE[0]}, features={"L0.transcoder#3": card})
+
+
+def test_page_is_offline_and_escapes_everything(tmp_path):
+    html = render_html(hostile_graph())
+    assert not re.findall(r'<script[^>]*\bsrc=', html)
+    assert not re.findall(r'<link[^>]*href="https?://', html)
+    for text in HOSTILE:
+        assert text not in html
+    blob = re.search(r'<script type="application/json" id="cg-data">(.*?)</script>', html, re.S).group(1)
+    data = json.loads(blob)
+    assert data["n_nodes"] == 6 and data["n_edges"] == 6
+    assert data["nodes"]["L0.transcoder#3@1"]["card"]["label"] == HOSTILE[0]
+
+
+def test_large_graph_is_pruned(tmp_path):
+    n = 800
+    nodes = [Node("feature", float(i % 4), f"L{i % 4}.resid_post", i, 1) for i in range(n)] + [Node("logit", 5, index=0, pos=1)]
+    src = torch.arange(n)
+    g = Graph(nodes, torch.ones(n + 1), src, torch.full((n,), n), torch.rand(n, generator=torch.Generator().manual_seed(0)),
+              torch.cat([torch.zeros(n), torch.ones(1)]))
+    data = json.loads(re.search(r'id="cg-data">(.*?)</script>', render_html(g, max_nodes=100), re.S).group(1))
+    assert data["n_nodes"] <= 101 and "pruned from 801" in data["summary"]
+
+
+def test_exports_round_trip(tmp_path):
+    g = hostile_graph()
+    ct = circuit_tracer_json(g)
+    assert {"metadata", "nodes", "links"} <= set(ct)
+    assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "activation", "influence"} <= set(ct["nodes"][0])
+    assert {"source", "target", "weight"} == set(ct["links"][0])
+    assert len(ct["links"]) == g.n_edges and ct["nodes"][0]["layer"] == "E"
+    nl = export_graph(g, tmp_path / "g.json", "node-link")
+    back = nx.node_link_graph(json.loads(nl.read_text()), edges="links")
+    assert back.number_of_nodes() == g.n_nodes and back.number_of_edges() == g.n_edges
+    gm = nx.read_graphml(export_graph(g, tmp_path / "g.graphml", "graphml"))
+    assert gm.number_of_nodes() == g.n_nodes
+    assert gm.edges["L0.transcoder#3@1", "L1.transcoder#9@1"]["weight"] == 2.0
+
+
+def test_cli_view_and_export(tmp_path, capsys):
+    g = hostile_graph()
+    g.save(tmp_path / "g")
+    assert main(["view", str(tmp_path / "g"), "--out", str(tmp_path / "v.html")]) == 0
+    assert (tmp_path / "v.html").read_text().count("cg-data") >= 1
+    assert main(["export", str(tmp_path / "g"), "--format", "circuit-tracer", "--out", str(tmp_path / "ct.json")]) == 0
+    assert json.loads((tmp_path / "ct.json").read_text())["nodes"]
+
+
+def _driver():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver_bin = shutil.which("chromedriver")
+    if binary is None or driver_bin is None:
+        pytest.skip("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver_bin), options=opts)
+
+
+def test_browser_renders_graph_and_never_runs_markup(tmp_path):
+    driver = _driver()
+    try:
+        path = to_html(hostile_graph(), tmp_path / "v.html")
+        driver.get(path.resolve().as_uri())
+        for _ in range(100):
+            if driver.execute_script("return window.cgReady === true"):
+                break
+            driver.implicitly_wait(0.1)
+        assert driver.execute_script("return nodes.length") == 6
+        assert driver.execute_script("return edges.length") == 6
+        assert driver.execute_script("return window.cgPwned") is None
+        driver.execute_script("cgShow('L0.transcoder#3@1')")
+        card = driver.execute_script("return document.getElementById('cg-card').textContent")
+        assert HOSTILE[0] in card and driver.execute_script("return window.cgPwned") is None
+        driver.save_screenshot(str(tmp_path / "viewer.png"))
+        assert (tmp_path / "viewer.png").stat().st_size > 1000
+    finally:
+        driver.quit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
 from circuitgraph.errors import CircuitGraphError
@@ -49,6 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
+    rp = sub.add_parser("report", help="HTML report of dictionaries: L0-FVU frontier, CE recovered, density histograms")
+    rp.add_argument("--model", default="default")
+    rp.add_argument("--dicts", required=True, help="one or more dictionary folders, comma-separated (compared on the frontier)")
+    rp.add_argument("--out", default="report.html")
+    rp.add_argument("--n-seq", type=int, default=32, help="evaluation sequences for FVU and the CE metrics")
+    rp.add_argument("--density-seqs", type=int, default=500, help="sequences for firing densities")
+    rp.add_argument("--text", default=None, help="evaluate on this text file instead of held-out toy-corpus text")
+    rp.add_argument("--seq-len", type=int, default=128)
+    rp.add_argument("--device", default="cpu")
+    rp.set_defaults(func=run_report)
     mm = dsub.add_parser("mmcs", help="mean max cosine similarity between the decoders of two dictionary sets")
     mm.add_argument("a", help="first dictionary folder (e.g. seed 0)")
     mm.add_argument("b", help="second dictionary folder (e.g. seed 1 or another width)")
@@ -107,6 +118,23 @@ def run_eval(args: argparse.Namespace) -> int:
         for sid, m in out.items():
             print(f"{sid:18s} L0={m['l0']:6.1f} FVU={m['fvu']:.3f} dead={m['dead_frac']:.3f} "
                   f"CE_rec={m['ce_recovered']:.3f} KL={m['kl']:.4f}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from circuitgraph.viewer.report import render_report
+
+    model = resolve_model(args.model, device=args.device)
+    source = token_source(args, model, seed=EVAL_SEED)
+    tokens = source.sequences(0, args.n_seq)
+    density_tokens = source.sequences(args.n_seq, args.density_seqs) if args.density_seqs > 0 else None
+    sets = {}
+    for folder in [f for f in args.dicts.split(",") if f]:
+        dicts = load_dictionaries(folder, device=args.device)
+        check_against_model(dicts, model.cfg)
+        sets[folder] = evaluate_dictionaries(model, dicts, tokens, density_tokens=density_tokens)
+    Path(args.out).write_text(render_report(sets, f"dictionaries of {args.model}"), encoding="utf-8")
+    print(args.out)
     return 0
 
 

@@ -37,6 +37,8 @@ def test_trace_prompt_and_components(tmp_path, capsys):
     assert s["method"] == "linear" and s["n_nodes"] < s["full_nodes"]
     assert 0 < s["replacement_score"] <= 1 and 0 < s["completeness_score"] <= 1
     g = Graph.load(tmp_path / "p")
+    card = next(iter(g.features.values()))
+    assert len(card["ablation"]["delta_logprob"]) == len(card["ablation"]["tokens"]) - 1
     top = g.nodes[int(g.target_weights.argmax())].id
     rows = _json(capsys, ["query", str(tmp_path / "p"), "--upstream", top, "--json"])
     assert rows

@@ -150,6 +150,7 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
                            "pruned_replacement_score": pruned_scores.replacement,
                            "pruned_completeness_score": pruned_scores.completeness})
     describe_into(graph, rm, args, tokens)
+    _ablation_effects_into(graph, rm, tokens)
     graph.save(args.out)
     full.save(f"{args.out}/full")
     return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
@@ -180,6 +181,18 @@ def describe_into(graph, rm, args: argparse.Namespace, fallback_tokens) -> None:
         if card is not None:
             graph.labels[i] = card.label
     graph.features = {k: c.to_dict() for k, c in cards.items()}
+
+
+def _ablation_effects_into(graph, rm, tokens) -> None:
+    """For a prompt graph: each feature card gets the per-token log-likelihood change on the
+    prompt when that feature is zeroed (shown as underlines by the viewer)."""
+    from circuitgraph.features.descriptions import ablation_effect
+    from dictionaries.site import Site
+
+    for key in {f"{n.site}#{n.index}" for n in graph.nodes if n.kind == "feature"}:
+        site, feature = key.split("#")
+        if key in graph.features:
+            graph.features[key]["ablation"] = ablation_effect(rm, tokens, Site.parse(site), int(feature))
 
 
 def run_query(args: argparse.Namespace) -> int:

@@ -63,3 +63,19 @@ def barrier() -> None:
     """Wait for every rank (no-op outside a process group)."""
     if world()[1] > 1:
         dist.barrier()
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a tensor over ranks (the tensor itself outside a process group)."""
+    if world()[1] == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def sum_float(x: float) -> float:
+    """Sum of a Python number over ranks, computed in float64."""
+    if world()[1] == 1:
+        return x
+    return float(sum_across_ranks(torch.tensor([x], dtype=torch.float64))[0])

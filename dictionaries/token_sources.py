@@ -86,3 +86,37 @@ def hf_dataset_tokens(name: str, model, seq_len: int = 128, n_sequences: int = 2
         if len(rows) >= n_sequences:
             break
     return TensorTokens(torch.tensor(rows, dtype=torch.long))
+
+
+class ModelSampledTokens:
+    """Text sampled from the model itself (for models that come without a corpus).
+
+    Sequences are generated in chunks of ``chunk``; chunk ``c`` uses its own seeded generator, so
+    sequence ``i`` is the same whichever range asks for it (resume-safe and deterministic on CPU).
+    Each sequence is BOS followed by ``seq_len - 1`` tokens sampled at ``temperature``."""
+
+    def __init__(self, model, seq_len: int = 128, seed: int = 0, temperature: float = 1.0, chunk: int = 64) -> None:
+        if seq_len < 2:
+            raise ValueError(f"seq_len {seq_len} is too short to sample; use at least 2")
+        self.model, self.seq_len, self.seed, self.temperature, self.chunk = model, seq_len, seed, temperature, chunk
+        tok = model.tokenizer
+        self.bos = int(tok.bos_token_id) if tok is not None and tok.bos_token_id is not None else 0
+        self._cache: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _chunk(self, c: int) -> torch.Tensor:
+        if c not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
+            out = torch.full((self.chunk, 1), self.bos, dtype=torch.long)
+            for _ in range(self.seq_len - 1):
+                logits = self.model(out)[:, -1].float() / max(self.temperature, 1e-6)
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+                out = torch.cat([out, nxt], 1)
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[c] = out
+        return self._cache[c]
+
+    def sequences(self, start: int, n: int) -> torch.Tensor:
+        rows = [self._chunk(i // self.chunk)[i % self.chunk] for i in range(start, start + n)]
+        return torch.stack(rows)

@@ -26,6 +26,7 @@ from circuitgraph.attribution.dataset import batches, metric_of, position_mask
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
+from dictionaries.distributed import sum_across_ranks, sum_float
 from dictionaries.site import Site
 
 AblationKind = Literal["patch", "mean", "zero"]
@@ -87,9 +88,10 @@ class Ablator:
                 self.parts.append(_Batch(b, {s: r.errors for s, r in clean.sites.items()},
                                          {s: r.latents for s, r in corr.sites.items()},
                                          {s: r.errors for s, r in corr.sites.items()}))
-        self.mean_latents = {s: t / count for s, t in sums_l.items()}
-        self.mean_errors = {s: t / count for s, t in sums_e.items()}
-        self.n_prompts = len(ds)
+        count = sum_float(count)  # under torchrun: this rank's shard, summed over ranks
+        self.mean_latents = {s: sum_across_ranks(t) / count for s, t in sums_l.items()}
+        self.mean_errors = {s: sum_across_ranks(t) / count for s, t in sums_e.items()}
+        self.n_prompts = sum_float(float(len(ds)))
 
     def _replacement(self, part: _Batch, site: Site, which: str, like: torch.Tensor) -> torch.Tensor:
         if self.kind == "zero":
@@ -115,7 +117,7 @@ class Ablator:
 
             logits = self.rm.run(part.ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits
             total += float(metric_of(logits, part.ds).sum())
-        return total / self.n_prompts
+        return sum_float(total) / self.n_prompts
 
 
 class CircuitScores(NamedTuple):

@@ -14,6 +14,7 @@ from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.replacement.model import ReplacementModel, site_depth
 from circuitgraph.tasks.dataset import TaskDataset
+from dictionaries.distributed import sum_across_ranks, sum_float, world
 
 TraceMethod = Literal["attribution", "ig", "acdc"]
 
@@ -110,7 +111,8 @@ def _mean_activations(rm: ReplacementModel, scores: NodeScores) -> dict:
         count += float(v.mask.sum())
         for s in rm.sites:
             total[s] += (v.clean_latents[s] * m).sum((0, 1))
-    return {s: t / max(count, 1.0) for s, t in total.items()}
+    count = sum_float(count)
+    return {s: sum_across_ranks(t) / max(count, 1.0) for s, t in total.items()}
 
 
 def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | None = None) -> TraceResult:
@@ -119,6 +121,10 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
 
     cfg = cfg or CircuitConfig()
     start = time.perf_counter()
+    rank, size = world()
+    full_ds = ds
+    if size > 1:  # under torchrun: every rank takes prompts rank, rank + world, ...; sums are reduced
+        ds = ds.subset(torch.arange(rank, len(ds), size))
     passes0 = rm.forward_passes
     acfg = DatasetAttributionConfig("ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size,
                                     progress=cfg.progress)
@@ -137,7 +143,8 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
     seconds = time.perf_counter() - start
     passes = rm.forward_passes - passes0
     graph.metadata.update({
-        "method": cfg.method, "task": ds.name, "n_prompts": len(ds), "prompts": ds.prompts[:16],
+        "method": cfg.method, "task": ds.name, "n_prompts": len(full_ds), "prompts": full_ds.prompts[:16],
+        "world_size": size,
         "sites": [s.id for s in rm.sites], "ablation": cfg.ablation, "max_feature_nodes": cfg.max_feature_nodes,
         "n_feature_nodes": circuit.n_features(), "n_error_nodes": len(circuit.errors),
         "faithfulness": cs.faithfulness, "completeness": cs.completeness, "metric_full": cs.metric_full,

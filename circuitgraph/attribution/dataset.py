@@ -33,6 +33,7 @@ from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
 from circuitgraph.tasks.metrics import gather_answer_logits, task_metric
+from dictionaries.distributed import sum_across_ranks, sum_float
 from dictionaries.site import Site
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,14 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
             errs[s] += (d_err * g_err[s]).sum().double()
         grads.append((g_lat, g_err))
         values.append(v)
-    div = len(ds) if cfg.reduce == "mean" else 1
+    # under torchrun each rank scored its shard of the prompts: sum over ranks
+    n_total = sum_float(float(len(ds)))
+    feat = {s: sum_across_ranks(t) for s, t in feat.items()}
+    errs = {s: sum_across_ranks(t) for s, t in errs.items()}
+    m_clean, m_corr = sum_float(m_clean), sum_float(m_corr)
+    div = n_total if cfg.reduce == "mean" else 1
     return NodeScores({s: t / div for s, t in feat.items()}, {s: t / div for s, t in errs.items()}, grads, values,
-                      m_clean / len(ds), m_corr / len(ds))
+                      m_clean / n_total, m_corr / n_total)
 
 
 class NodeRef(NamedTuple):
@@ -222,7 +228,8 @@ def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], sco
         block = torch.cat(rows)  # [1 + len(targets), n]
         metric_edges += block[0]
         edges[targets] += block[1:]
-    div = len(ds) if cfg.reduce == "mean" else 1
+    edges, metric_edges = sum_across_ranks(edges), sum_across_ranks(metric_edges)
+    div = sum_float(float(len(ds))) if cfg.reduce == "mean" else 1
     return edges / div, metric_edges / div
 
 

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
-from circuitgraph.errors import CircuitGraphError
 from circuitgraph.models import resolve_model
 from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
 from dictionaries import distributed
@@ -16,7 +15,7 @@ from dictionaries.errors import DictionaryError
 from dictionaries.metrics import evaluate_dictionaries, mmcs
 from dictionaries.persistence import check_against_model, load_dictionaries
 from dictionaries.site import expand_sites
-from dictionaries.token_sources import TokenSource, tensor_file_tokens, text_file_tokens
+from dictionaries.token_sources import ModelSampledTokens, TokenSource, tensor_file_tokens, text_file_tokens
 from dictionaries.training import TrainConfig, train_dictionaries
 
 log = logging.getLogger(__name__)
@@ -77,10 +76,8 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
     except ValueError as err:
         raise DictionaryError(str(err)) from err
     if model.cfg.model_name != "circuitgraph-toy":
-        raise CircuitGraphError(
-            f"model {model.cfg.model_name!r} is not the embedded toy model; give training text with --text FILE "
-            "or --tokens-file FILE"
-        )
+        log.info("no --text given: sampling text from %s itself (seed %d)", model.cfg.model_name, seed)
+        return ModelSampledTokens(model, seq_len=args.seq_len, seed=seed)
     return ToyCorpus(CorpusConfig(seed=seed, seq_len=args.seq_len))
 
 

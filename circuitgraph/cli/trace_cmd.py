@@ -112,10 +112,15 @@ def run_trace(args: argparse.Namespace) -> int:
             graph, meta = trace_components(model, ds, cfg)
         else:
             from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
+            from dictionaries import distributed
 
-            cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau, args.batch_size)
+            distributed.maybe_init()  # under torchrun: prompts are sharded over the processes
+            cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau, args.batch_size,
+                                progress=distributed.is_main())
             graph = trace_dataset(rm, ds, cfg).graph
             meta = graph.metadata
+            if not distributed.is_main():
+                return 0
         graph.metadata["model"] = args.model
         graph.metadata["dicts"] = args.dicts
         if rm is not None:

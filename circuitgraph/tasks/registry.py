@@ -17,6 +17,7 @@ from transformer_lens import HookedTransformer
 from circuitgraph.errors import TaskError
 from circuitgraph.tasks import metrics as M
 from circuitgraph.tasks.dataset import MetricKind, TaskDataset, build_dataset
+from circuitgraph.tasks.stories import story_names
 from circuitgraph.toylang import templates as tp
 
 Split = Literal["heldout", "train"]
@@ -71,6 +72,8 @@ TASKS: dict[str, Task] = {
              tp.agreement, "logit_diff", _summary_binary),
         Task("induction", "induction: a random span of words repeated; predict the next repeated word",
              lambda rng, pools: tp.induction(rng), "logit_diff", _summary_induction),
+        Task("story_names", "story models (stories260K): 'Lily and Tim ... Lily said hello to' -> 'Tim'",
+             story_names, "logit_diff", _summary_binary),
         Task("greater_than", "greater-than: 'from the year 1732 to the year 17' -> a two-digit year > 32",
              tp.greater_than, "prob_diff", _summary_greater_than),
     )

@@ -9,7 +9,7 @@ from circuitgraph.errors import TaskError
 from circuitgraph.tasks import metrics as M
 from circuitgraph.tasks.dataset import build_dataset
 from circuitgraph.tasks.evaluate import evaluate_tasks
-from circuitgraph.tasks.registry import TASKS, make_dataset
+from circuitgraph.tasks.registry import TOY_TASKS, make_dataset
 from circuitgraph.toylang.templates import TaskInstance
 
 
@@ -24,7 +24,7 @@ def test_metrics_on_hand_set_logits() -> None:
     assert M.top1_accuracy(logits, ans).tolist() == [True, False]
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", list(TOY_TASKS))
 def test_dataset_alignment(default_model, name: str) -> None:
     ds = make_dataset(name, default_model, n=16, seed=1)
     assert ds.clean_tokens.shape == ds.corrupted_tokens.shape

@@ -8,7 +8,7 @@ import json
 from circuitgraph.errors import TaskError
 from circuitgraph.models import resolve_model
 from circuitgraph.tasks.evaluate import evaluate_tasks
-from circuitgraph.tasks.registry import TASKS, get_task
+from circuitgraph.tasks.registry import TASKS, TOY_TASKS, get_task
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=run_list)
     ev = tsub.add_parser("eval", help="evaluate a model on task prompts")
     ev.add_argument("--model", default="default", help="'default', a saved model folder, or a TransformerLens name")
-    ev.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
+    ev.add_argument("--tasks", default=",".join(TOY_TASKS),
+                    help="comma-separated task names (default: the embedded model's tasks; story_names is for story models)")
     ev.add_argument("--n", type=int, default=200, help="prompts per task (default: 200)")
     ev.add_argument("--split", choices=("heldout", "train"), default="heldout",
                     help="word pools of the tested roles: held-out (default) or training")

@@ -9,7 +9,7 @@ from transformer_lens import HookedTransformer
 
 from circuitgraph.tasks.dataset import TaskDataset
 from circuitgraph.tasks.metrics import gather_answer_logits
-from circuitgraph.tasks.registry import TASKS, Split, get_task, make_dataset
+from circuitgraph.tasks.registry import TOY_TASKS, Split, get_task, make_dataset
 
 
 @torch.no_grad()
@@ -32,5 +32,5 @@ def evaluate_tasks(
     model: HookedTransformer, names: Sequence[str] | None = None, n: int = 200, split: Split = "heldout", seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """``{task: summary}`` for the named tasks (all built-in tasks by default)."""
-    names = list(names) if names else list(TASKS)
+    names = list(names) if names else list(TOY_TASKS)
     return {name: evaluate_dataset(model, make_dataset(name, model, n=n, split=split, seed=seed)) for name in names}

@@ -37,6 +37,9 @@ class Task:
     """The per-prompt metric used for patching, attribution and faithfulness."""
     summarise: Callable[[torch.Tensor, TaskDataset], dict[str, float]]
     """Turns ``[n, vocab]`` answer-position logits into the numbers ``tasks eval`` reports."""
+    toy: bool = True
+    """Written in the embedded toy language (the default task set); ``False`` for tasks meant for
+    other models, such as ``story_names`` for TinyStories models."""
 
 
 def _summary_binary(logits: torch.Tensor, ds: TaskDataset) -> dict[str, float]:
@@ -73,11 +76,15 @@ TASKS: dict[str, Task] = {
         Task("induction", "induction: a random span of words repeated; predict the next repeated word",
              lambda rng, pools: tp.induction(rng), "logit_diff", _summary_induction),
         Task("story_names", "story models (stories260K): 'Lily and Tim ... Lily said hello to' -> 'Tim'",
-             story_names, "logit_diff", _summary_binary),
+             story_names, "logit_diff", _summary_binary, toy=False),
         Task("greater_than", "greater-than: 'from the year 1732 to the year 17' -> a two-digit year > 32",
              tp.greater_than, "prob_diff", _summary_greater_than),
     )
 }
+
+
+TOY_TASKS: tuple[str, ...] = tuple(name for name, t in TASKS.items() if t.toy)
+"""The tasks of the embedded model (the default task set)."""
 
 
 def get_task(name: str) -> Task:

@@ -131,7 +131,7 @@ class ReplacementModel:
             b, p = act.shape[:2]
             x_flat = x.reshape(b * p, -1)
             active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
-            skip = d.skip_term(x_flat).reshape(b, p, -1)
+            skip = d.skip_term(x_flat).reshape(b, p, -1) if d.W_skip is not None else 0.0
             if site in spec.latents:
                 latents = spec.latents[site]
             else:
@@ -148,7 +148,11 @@ class ReplacementModel:
             untouched = site not in spec.latents and site not in spec.errors and site not in spec.offsets
             if untouched and spec.edit_latents is None and spec.edit_errors is None:
                 return act  # decode(encode(x)) + (x - decode(encode(x))) is x: return it bit-exactly
-            new = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip + errors
+            if b > 1 and latents.stride(0) == 0:  # the same latents for every row (prompt copies): decode once
+                decoded = d.decode(latents[0]).unsqueeze(0).expand(b, -1, -1)
+            else:
+                decoded = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1)
+            new = decoded + skip + errors
             if site in spec.offsets:
                 new = new + spec.offsets[site]
             new = torch.cat([act[:, :1].reshape(b, 1, -1), new[:, 1:]], dim=1)

@@ -104,10 +104,6 @@ def describe_features(rm: ReplacementModel, features: list[tuple[Site, int]], co
     return cards
 
 
-class AblationEffect(dict):
-    """``{"tokens": [...], "delta_logprob": [...]}``: per next-token log-likelihood change."""
-
-
 @torch.no_grad()
 def ablation_effect(rm: ReplacementModel, tokens: torch.Tensor, site: Site, feature: int) -> dict:
     """Change in ``log p(next token)`` at every position when ``feature`` is zeroed everywhere.

@@ -9,6 +9,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from circuitgraph.attribution.ablation import AblationKind, Ablator, CircuitScores, NodeSet, circuit_scores
+from circuitgraph.attribution.acdc import acdc_nodes
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, NodeRef, NodeScores, score_edges, score_nodes
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
@@ -117,8 +118,6 @@ def _mean_activations(rm: ReplacementModel, scores: NodeScores) -> dict:
 
 def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | None = None) -> TraceResult:
     """Score nodes, choose the circuit (top scores, or ACDC), score its edges, measure it by ablation."""
-    from circuitgraph.attribution.acdc import acdc_nodes
-
     cfg = cfg or CircuitConfig()
     start = time.perf_counter()
     rank, size = world()

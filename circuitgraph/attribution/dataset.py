@@ -234,16 +234,19 @@ def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], sco
 
 
 def _per_node(g: list[torch.Tensor], nodes: list[NodeRef], sites: list[Site], v: SiteValues) -> torch.Tensor:
-    """``[R, n]``: gradient rows times (clean - corrupted) values, summed over prompts and positions."""
+    """``[R, n]``: gradient rows times (clean - corrupted) values, summed over prompts and positions
+    (one product per site, not one per node: this runs once per edge target)."""
     k = len(sites)
     out = torch.zeros(g[0].shape[0], len(nodes), dtype=torch.float64)
     mask = v.mask.unsqueeze(-1)
-    for j, r in enumerate(nodes):
-        i = sites.index(r.site)
-        if r.index is None:
-            delta = (v.clean_errors[r.site] - v.corr_errors[r.site]) * mask
-            out[:, j] = (g[k + i] * delta).sum((1, 2, 3)).double()
-        else:
-            delta = (v.clean_latents[r.site][..., r.index] - v.corr_latents[r.site][..., r.index]) * v.mask
-            out[:, j] = (g[i][..., r.index] * delta).sum((1, 2)).double()
+    for i, site in enumerate(sites):
+        cols = [j for j, r in enumerate(nodes) if r.site == site and r.index is not None]
+        if cols:
+            feats = torch.tensor([nodes[j].index for j in cols])
+            delta = (v.clean_latents[site][..., feats] - v.corr_latents[site][..., feats]) * mask  # [B, P, F]
+            out[:, cols] = (g[i][..., feats] * delta).sum((1, 2)).double()
+        err_cols = [j for j, r in enumerate(nodes) if r.site == site and r.index is None]
+        if err_cols:
+            delta = (v.clean_errors[site] - v.corr_errors[site]) * mask
+            out[:, err_cols] = (g[k + i] * delta).sum((1, 2, 3)).double().unsqueeze(1)
     return out

@@ -9,12 +9,13 @@ uninterrupted one (same seed, same data order).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -22,12 +23,13 @@ from transformer_lens import HookedTransformer
 
 from dictionaries import distributed
 from dictionaries.activations import ActivationStore, StoreConfig
-from dictionaries.architectures.base import SparseDictionary
+from dictionaries.architectures.base import LossTerms, SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
 from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from dictionaries.config import Architecture, DictionaryConfig
 from dictionaries.determinism import deterministic
 from dictionaries.errors import DictionaryError
+from dictionaries.interactions import InteractionPenalty, parse_pairs
 from dictionaries.persistence import save_dictionaries
 from dictionaries.resampling import resample_dead
 from dictionaries.site import Site
@@ -80,12 +82,26 @@ class TrainConfig:
     """Seed of initialisation and data order."""
     checkpoint_every: int = 100
     """Steps between atomic checkpoints."""
+    interaction_penalty: float = 0.0
+    """Coefficient of the L1 penalty on feature-to-feature interactions of ``interaction_pairs``
+    (0 disables; see dictionaries/interactions.py)."""
+    interaction_warmup_frac: float = 0.1
+    """Fraction of steps over which the interaction coefficient ramps up from 0."""
+    interaction_pairs: str = "adjacent"
+    """Penalised dictionary pairs: adjacent, all, or a comma list WRITER>READER of site ids
+    (e.g. L0.transcoder>L1.transcoder)."""
+    interaction_weighting: Literal["edge", "jacobian"] = "edge"
+    """Penalise graph edges (latent value x Jacobian entry) or raw Jacobian entries of active pairs."""
+    interaction_tokens: int = 1024
+    """Tokens of each batch on which the interaction penalty is computed."""
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_tokens:
             raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
-        if not 0 <= self.decay_frac <= 1 or not 0 <= self.sparsity_warmup_frac <= 1:
-            raise ValueError("decay_frac and sparsity_warmup_frac must lie in [0, 1]")
+        if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac, self.interaction_warmup_frac)):
+            raise ValueError("decay_frac, sparsity_warmup_frac and interaction_warmup_frac must lie in [0, 1]")
+        if self.interaction_penalty < 0 or self.interaction_tokens <= 0:
+            raise ValueError("interaction_penalty must be >= 0 and interaction_tokens positive")
 
     @property
     def steps(self) -> int:
@@ -129,6 +145,13 @@ class DictionaryStepper:
         self.opt = torch.optim.Adam(d.parameters(), lr=lr)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float = 1.0, step: int = 0) -> StepStats:
+        """One optimizer step on its own (loss, backward, update)."""
+        terms = self.losses(x, y, sparsity_scale, step)
+        terms.total.backward()
+        return self.update(terms, x, y, lr, step)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, sparsity_scale: float = 1.0, step: int = 0) -> LossTerms:
+        """The loss terms of a batch (checked finite); the caller runs ``backward`` then :meth:`update`."""
         d = self.d
         terms = d.training_loss(x, y, sparsity_scale=sparsity_scale)
         if not torch.isfinite(terms.total):
@@ -136,7 +159,12 @@ class DictionaryStepper:
                 f"loss of dictionary {d.cfg.site or d.cfg.arch} became {terms.total.item()} at step {step}; "
                 f"lower the learning rate. The last good checkpoint {self.ckpt} is intact"
             )
-        terms.total.backward()
+        return terms
+
+    def update(self, terms: LossTerms, x: torch.Tensor, y: torch.Tensor, lr: float, step: int = 0) -> StepStats:
+        """Apply the gradients already accumulated: optimizer step, decoder constraint, dead-latent
+        bookkeeping, optional resampling."""
+        d = self.d
         distributed.average_gradients(d)
         d.remove_parallel_gradient()
         for group in self.opt.param_groups:
@@ -202,7 +230,8 @@ def train_dictionaries(
             raise DictionaryError(str(err)) from err
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
-    hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
+    penalty = _interaction_penalty(model, sites, cfg)
+    hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)} | set(penalty.hooks if penalty else ()))
     store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed,
                                                               cfg.activation_cache))
     dicts: dict[Site, SparseDictionary] = {}
@@ -228,12 +257,27 @@ def train_dictionaries(
                 initialise_from_data(d, batch[s.input_hook], batch[s.output_hook])
         lr_mult = lr_factor(step, cfg)
         sparsity_mult = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
-        stats = [steppers[s].step(distributed.shard_rows(batch[s.input_hook]), distributed.shard_rows(batch[s.output_hook]),
-                                  cfg.lr * lr_mult, sparsity_mult, step)
-                 for s in sites]
+        xs = {s: distributed.shard_rows(batch[s.input_hook]) for s in sites}
+        ys = {s: distributed.shard_rows(batch[s.output_hook]) for s in sites}
+        terms = {s: steppers[s].losses(xs[s], ys[s], sparsity_mult, step) for s in sites}
+        total = sum(t.total for t in terms.values())
+        postfix = {}
+        if penalty is not None:
+            n = min(cfg.interaction_tokens, next(iter(xs.values())).shape[0])
+            frozen = {h: distributed.shard_rows(batch[h])[:n] for h in penalty.hooks}
+            codes = {s: (t.active_idx[:n], t.active_val[:n]) for s, t in terms.items()}
+            inter = penalty(dicts, codes, frozen).total()
+            if not torch.isfinite(inter):
+                raise DictionaryError(f"the interaction penalty became {inter.item()} at step {step}; lower "
+                                      f"interaction_penalty or the learning rate. The last good checkpoint {ckpt_path} is intact")
+            ramp = min(1.0, (step + 1) / max(1, cfg.interaction_warmup_frac * cfg.steps))
+            total = total + cfg.interaction_penalty * ramp * inter
+            postfix["inter"] = f"{inter.item():.3g}"
+        total.backward()
+        stats = [steppers[s].update(terms[s], xs[s], ys[s], cfg.lr * lr_mult, step) for s in sites]
         dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)
         bar.set_postfix(L0=f"{sum(st.l0 for st in stats) / len(stats):.1f}",
-                        FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%")
+                        FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%", **postfix)
         done = step + 1
         if done % cfg.checkpoint_every == 0 and done < cfg.steps and distributed.is_main():
             _save_checkpoint(ckpt_path, dicts, opts, cfg, done)
@@ -242,11 +286,28 @@ def train_dictionaries(
     seconds = time.time() - t0
     if distributed.is_main():
         save_dictionaries(dicts, out_dir)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         if ckpt_path.is_file():
             ckpt_path.unlink()
     distributed.barrier()
     log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
     return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
+
+
+def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: TrainConfig) -> InteractionPenalty | None:
+    if cfg.interaction_penalty == 0:
+        return None
+    try:
+        pairs = parse_pairs(cfg.interaction_pairs, sites)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    if not pairs:
+        raise DictionaryError(
+            f"interaction_penalty is set but interaction_pairs={cfg.interaction_pairs!r} gives no pair among "
+            f"{', '.join(s.id for s in sites)}; readers are resid_*, transcoder and mlp_out dictionaries after a writer"
+        )
+    log.info("interaction penalty %.3g on %d pairs: %s", cfg.interaction_penalty, len(pairs), ", ".join(p.id for p in pairs))
+    return InteractionPenalty(model, pairs, cfg.interaction_weighting)
 
 
 def _save_checkpoint(path: Path, dicts, opts, cfg: TrainConfig, step: int) -> None:

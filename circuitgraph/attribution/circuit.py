@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from circuitgraph.attribution.ablation import AblationKind, Ablator, CircuitScores, NodeSet, circuit_scores
 from circuitgraph.attribution.acdc import acdc_nodes
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, NodeRef, NodeScores, score_edges, score_nodes
+from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.replacement.model import ReplacementModel, site_depth
@@ -38,8 +40,13 @@ class CircuitConfig:
     """Prompts per forward pass."""
     progress: bool = True
     """Show tqdm bars."""
+    target_faithfulness: float = 0.0
+    """If > 0 (attribution, ig): the circuit is the smallest top-score set reaching this
+    faithfulness (searched up to ``max_feature_nodes``) instead of exactly ``max_feature_nodes``."""
 
     def __post_init__(self) -> None:
+        if self.target_faithfulness and self.method == "acdc":
+            raise ValueError("target_faithfulness applies to attribution and ig; ACDC sets its size with tau")
         if self.method not in ("attribution", "ig", "acdc"):
             raise ValueError(f"method must be attribution, ig or acdc, got {self.method!r}")
         if self.max_feature_nodes < 1:
@@ -64,6 +71,50 @@ def select_top(scores: NodeScores, max_features: int) -> NodeSet:
     feats = {s: (v.abs() >= thr) & (v != 0) for s, v in scores.features.items()}
     errs = {s for s, v in scores.errors.items() if abs(float(v)) >= thr}
     return NodeSet(feats, errs)
+
+
+class SmallestCircuit(NamedTuple):
+    """What :func:`smallest_circuit` returns."""
+
+    circuit: NodeSet
+    """The smallest top-score circuit found that reaches the target (the largest tried if none does)."""
+    faithfulness: float
+    reached: bool
+    """Whether ``faithfulness >= target``."""
+    tried: dict[int, float]
+    """Faithfulness of every feature budget evaluated."""
+
+
+def smallest_circuit(ablator: Ablator, scores: NodeScores, target: float = 0.8, max_features: int = 4096,
+                     progress: bool = False) -> SmallestCircuit:
+    """The fewest top-``|score|`` features (errors included as in :func:`select_top`) whose circuit
+    has faithfulness >= ``target``: budgets double from 1 until one reaches it, then bisection.
+
+    Each evaluation is one ablation run over the dataset; faithfulness need not be monotone in the
+    budget, so the answer is the smallest budget found by this search, not a guaranteed minimum."""
+    full, empty = ablator.metric(NodeSet.empty(ablator.rm)), ablator.metric(NodeSet.full(ablator.rm))
+    if abs(full - empty) < 1e-9:
+        raise CircuitGraphError("the metric does not change when every node is ablated; faithfulness is undefined")
+    n_scored = int(sum(int((v != 0).sum()) for v in scores.features.values()))
+    cap = max(1, min(max_features, n_scored))
+    tried: dict[int, float] = {}
+    bar = tqdm(desc="smallest circuit", disable=not progress)
+
+    def faith(n: int) -> float:
+        if n not in tried:
+            tried[n] = (ablator.metric(select_top(scores, n).complement(ablator.rm)) - empty) / (full - empty)
+            bar.update(1)
+        return tried[n]
+
+    lo, hi = 0, 1
+    while faith(hi) < target and hi < cap:
+        lo, hi = hi, min(2 * hi, cap)
+    if faith(hi) >= target:
+        while hi - lo > max(1, lo // 32):  # bisect to ~3% of the budget
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if faith(mid) >= target else (mid, hi)
+    bar.close()
+    return SmallestCircuit(select_top(scores, hi), tried[hi], tried[hi] >= target, dict(sorted(tried.items())))
 
 
 def node_refs(rm: ReplacementModel, circuit: NodeSet) -> list[NodeRef]:
@@ -135,6 +186,10 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
         circuit = res.circuit
         extra = {"acdc_tested": res.tested, "acdc_skipped": res.skipped,
                  "plain_acdc_forward_passes": res.plain_forward_passes, "acdc_forward_passes": res.forward_passes}
+    elif cfg.target_faithfulness > 0:
+        found = smallest_circuit(ablator, scores, cfg.target_faithfulness, cfg.max_feature_nodes, cfg.progress)
+        circuit = found.circuit
+        extra = {"target_faithfulness": cfg.target_faithfulness, "budgets_tried": {str(k): v for k, v in found.tried.items()}}
     else:
         circuit = select_top(scores, cfg.max_feature_nodes)
     cs = circuit_scores(ablator, circuit)

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--granularity", default="features", choices=["features", "components"],
                    help="dictionary features, or attention heads and MLPs as nodes")
     p.add_argument("--max-feature-nodes", type=int, default=200, help="feature-node budget")
+    p.add_argument("--target-faithfulness", type=float, default=0.0,
+                   help="attribution/ig: the smallest circuit (up to --max-feature-nodes) reaching this faithfulness")
     p.add_argument("--max-edges", type=int, default=100, help="component circuits: edges kept by attribution / ig")
     p.add_argument("--ablation", default="patch", choices=["patch", "mean", "zero"], help="how nodes outside the circuit are ablated")
     p.add_argument("--tau", type=float, default=0.002, help="ACDC threshold (fraction of the full-vs-empty metric gap)")
@@ -115,8 +117,12 @@ def run_trace(args: argparse.Namespace) -> int:
             from dictionaries import distributed
 
             distributed.maybe_init()  # under torchrun: prompts are sharded over the processes
-            cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau, args.batch_size,
-                                progress=distributed.is_main())
+            try:
+                cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau,
+                                    args.batch_size, progress=distributed.is_main(),
+                                    target_faithfulness=args.target_faithfulness)
+            except ValueError as err:
+                raise CircuitGraphError(f"{err}; check --method / --target-faithfulness") from err
             graph = trace_dataset(rm, ds, cfg).graph
             meta = graph.metadata
             if not distributed.is_main():

@@ -27,6 +27,9 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 """Where the committed default model lives (written by ``circuitgraph train-toy-model``)."""
 DEFAULT_DICTS_DIR = Path(__file__).parent / "default_dicts"
 """Committed dictionaries of the default model (written by ``circuitgraph train-dictionaries``)."""
+SPARSE_INTERACTION_DICTS_DIR = Path(__file__).parent / "sparse_interaction_dicts"
+"""Committed attention-z + transcoder dictionaries of the default model trained with the
+interaction-sparsity penalty (see the README section "Interaction sparsity")."""
 
 
 def load_default(device: str = "cpu") -> HookedTransformer:

@@ -1,0 +1,212 @@
+"""Interaction-sparsity training: the penalised interactions are the graph's edges (and the exact
+MLP Jacobian for pairs around an MLP), the penalty makes them sparser, bad pairs are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
+from circuitgraph.graph.sparsity import edges_to_fraction
+from circuitgraph.replacement import ReplacementModel
+from circuitgraph.tasks.registry import make_dataset
+from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+from dictionaries.activations import ActivationStore
+from dictionaries.architectures.registry import build_dictionary
+from dictionaries.config import DictionaryConfig
+from dictionaries.errors import DictionaryError
+from dictionaries.interactions import InteractionPair, InteractionPenalty, _Path, pair_interactions, parse_pairs
+from dictionaries.persistence import dictionary_state_equal
+from dictionaries.site import ModelHooks, Site
+from dictionaries.training import TrainConfig, train_dictionaries
+
+TC0, TC1, AZ1 = Site(0, "transcoder"), Site(1, "transcoder"), Site(1, "attn_z")
+
+
+def test_edges_to_fraction_counts_strongest_edges() -> None:
+    targets = torch.tensor([2, 2, 2, 1, 1, 0])
+    weights = torch.tensor([1.0, 8.0, -1.0, -5.0, 5.0, 0.0])
+    assert edges_to_fraction(targets, weights, 4, 0.9).tolist() == [0, 2, 2, 0]
+    assert edges_to_fraction(targets, weights, 4, 0.8).tolist() == [0, 2, 1, 0]
+    assert edges_to_fraction(targets, weights, 4, 0.5).tolist() == [0, 1, 1, 0]
+    assert edges_to_fraction(targets, weights, 4, 1.0).tolist() == [0, 2, 3, 0]
+    with pytest.raises(ValueError, match="fraction"):
+        edges_to_fraction(targets, weights, 4, 0.0)
+
+
+def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts) -> None:
+    """a_i * J[i, j] from the training penalty equals the same-position direct edge that the graph
+    engine computes between the two features (attention and normalisation frozen)."""
+    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
+    rm = ReplacementModel(default_model, dicts)
+    tokens = make_dataset("ioi", default_model, n=1, seed=3).clean_tokens[0:1]
+    graph = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
+    index = {n.id: i for i, n in enumerate(graph.nodes)}
+    edges = {(int(s), int(t)): float(w) for s, t, w in zip(graph.sources, graph.targets, graph.weights, strict=True)}
+    _, cache = default_model.run_with_cache(tokens)
+    n_pos = tokens.shape[1]
+    frozen = {ModelHooks.ln_scale(1, "ln2"): cache[ModelHooks.ln_scale(1, "ln2")][0].reshape(n_pos, 1)}
+    checked = 0
+    for writer in (TC0, AZ1):
+        pair = InteractionPair(writer, TC1)
+        w_lat = dicts[writer].encode(cache[writer.input_hook][0].reshape(n_pos, -1))
+        r_lat = dicts[TC1].encode(cache[TC1.input_hook][0])
+        w_idx, r_idx = w_lat.topk(16).indices, r_lat.topk(16).indices
+        with torch.no_grad():
+            j = pair_interactions(_Path(default_model, pair), dicts[writer], dicts[TC1], w_idx, r_idx, frozen)
+            e = w_lat.gather(1, w_idx).unsqueeze(-1) * j
+        for t in range(1, n_pos):
+            for a in range(16):
+                for b in range(16):
+                    src = f"{writer.id}#{int(w_idx[t, a])}@{t}"
+                    dst = f"{TC1.id}#{int(r_idx[t, b])}@{t}"
+                    if src in index and dst in index:
+                        got = edges.get((index[src], index[dst]), 0.0)
+                        assert got == pytest.approx(float(e[t, a, b]), rel=1e-3, abs=1e-4), (src, dst)
+                        checked += 1
+    assert checked > 1000
+
+
+def _frozen_ln(block, x: torch.Tensor, scale: torch.Tensor, center: bool) -> torch.Tensor:
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    x = x / scale
+    if getattr(block.ln2, "w", None) is not None:
+        x = x * block.ln2.w
+    if getattr(block.ln2, "b", None) is not None:
+        x = x + block.ln2.b
+    return x
+
+
+@pytest.mark.parametrize("variant", ["gelu_ln", "gated_silu_rms"])
+def test_mlp_pair_jacobian_matches_autograd(variant: str) -> None:
+    """A resid_mid SAE -> mlp_out SAE pair: the penalty's per-token Jacobian (through ln2 with its
+    scale frozen and the MLP itself) equals autograd's, for plain and gated MLPs."""
+    torch.manual_seed(1)
+    gated = variant.startswith("gated")
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=30, n_ctx=8,
+                                  act_fn="silu" if gated else "gelu", gated_mlp=gated,
+                                  normalization_type="RMS" if gated else "LN", dtype=torch.float64)
+    model = HookedTransformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    up, down = Site(0, "resid_mid"), Site(0, "mlp_out")
+    mk = lambda: build_dictionary(DictionaryConfig("topk", 16, 40, k=5), seed=0).double()  # noqa: E731
+    u, d = mk(), mk()
+    u.norm_out.fill_(1.7)
+    d.norm_in.fill_(0.6)
+    tokens = torch.randint(0, 30, (1, 6))
+    _, cache = model.run_with_cache(tokens)
+    pair = InteractionPair(up, down)
+    penalty = InteractionPenalty(model, [pair])
+    frozen = {h: cache[h][0].reshape(6, -1) for h in penalty.hooks}
+    w_idx = torch.randint(0, 40, (6, 5))
+    r_idx = torch.randint(0, 40, (6, 4))
+    j = pair_interactions(penalty.paths[0], u, d, w_idx, r_idx, frozen)
+    block = model.blocks[0]
+    for t in range(6):
+        resid = cache[up.input_hook][0, t]
+        scale = cache[ModelHooks.ln_scale(0, "ln2")][0, t]
+
+        def f(a: torch.Tensor, t=t, resid=resid, scale=scale) -> torch.Tensor:
+            x = resid + a @ u.decoder_directions()[w_idx[t]]
+            out = block.mlp(_frozen_ln(block, x, scale, center=not gated).reshape(1, 1, -1)).reshape(-1)
+            return d.active_value(out.reshape(1, -1))[0, r_idx[t]]
+
+        expected = torch.autograd.functional.jacobian(f, torch.zeros(5, dtype=torch.float64))  # [k_D, k_U]
+        torch.testing.assert_close(j[t].detach(), expected.T, rtol=1e-9, atol=1e-10)
+
+
+def test_parse_pairs_adjacent_all_and_explicit() -> None:
+    sites = [Site(layer, kind) for layer in range(3) for kind in ("attn_z", "transcoder")]
+    adjacent = {p.id for p in parse_pairs("adjacent", sites)}
+    assert adjacent == {"L0.attn_z>L0.transcoder", "L0.attn_z>L1.transcoder", "L0.transcoder>L1.transcoder",
+                        "L1.attn_z>L1.transcoder", "L1.attn_z>L2.transcoder", "L1.transcoder>L2.transcoder",
+                        "L2.attn_z>L2.transcoder"}
+    assert len(parse_pairs("all", sites)) == 1 + 3 + 5
+    assert parse_pairs("none", sites) == []
+    assert [p.id for p in parse_pairs("L0.transcoder>L2.transcoder", sites)] == ["L0.transcoder>L2.transcoder"]
+    resid = [Site(0, "resid_post"), Site(1, "resid_post"), Site(1, "resid_mid"), Site(1, "mlp_out")]
+    assert {p.id for p in parse_pairs("adjacent", resid)} == {
+        "L0.resid_post>L1.resid_post", "L0.resid_post>L1.resid_mid", "L0.resid_post>L1.mlp_out",
+        "L1.resid_mid>L1.mlp_out", "L1.resid_mid>L1.resid_post", "L1.mlp_out>L1.resid_post"}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("L1.transcoder>L0.transcoder", "before the reader"),
+    ("L0.transcoder>L0.attn_z", "not supported as readers"),
+    ("L0.transcoder>L5.transcoder", "not being trained"),
+    ("L0.transcoder-L1.transcoder", "WRITER>READER"),
+    ("L1.mlp_out>L1.mlp_out", "after the MLP"),
+])
+def test_bad_pairs_are_refused(spec: str, message: str) -> None:
+    sites = [Site(layer, kind) for layer in range(2) for kind in ("attn_z", "transcoder", "mlp_out")]
+    with pytest.raises(ValueError, match=message):
+        parse_pairs(spec, sites)
+
+
+SMALL = TrainConfig(arch="topk", k=8, expansion=2, tokens=1024 * 40, batch_tokens=1024, chunk_sequences=24,
+                    model_batch=8, checkpoint_every=5, warmup_steps=5, interaction_tokens=512)
+
+
+def _corpus() -> ToyCorpus:
+    return ToyCorpus(CorpusConfig(seed=1, seq_len=64))
+
+
+def _mean_interaction(model, dicts, penalty: InteractionPenalty) -> float:
+    store = ActivationStore(model, sorted({h for s in dicts for h in (s.input_hook, s.output_hook)} | set(penalty.hooks)),
+                            ToyCorpus(CorpusConfig(seed=99, seq_len=64)))
+    acts = store.activations(store.source.sequences(0, 16))
+    codes = {}
+    with torch.no_grad():
+        for s, d in dicts.items():
+            lat = d.encode(acts[s.input_hook])
+            idx = lat.topk(d.cfg.k).indices
+            codes[s] = (idx, lat.gather(1, idx))
+        return float(penalty(dicts, codes, {h: acts[h] for h in penalty.hooks}).total())
+
+
+def test_penalty_makes_interactions_sparser(default_model, tmp_path) -> None:
+    sites = [TC0, TC1]
+    plain = train_dictionaries(default_model, sites, _corpus(), SMALL, tmp_path / "plain").dictionaries
+    cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 1.0})
+    sparse = train_dictionaries(default_model, sites, _corpus(), cfg, tmp_path / "sparse").dictionaries
+    penalty = InteractionPenalty(default_model, parse_pairs("adjacent", sites))
+    before, after = _mean_interaction(default_model, plain, penalty), _mean_interaction(default_model, sparse, penalty)
+    assert after < 0.5 * before, (before, after)
+    saved = json.loads((tmp_path / "sparse" / "train_config.json").read_text())
+    assert saved["interaction_penalty"] == 1.0 and saved["interaction_pairs"] == "adjacent"
+
+
+def test_penalised_run_resumes_to_identical_weights(default_model, tmp_path, monkeypatch) -> None:
+    cfg = TrainConfig(**{**SMALL.__dict__, "tokens": 1024 * 12, "interaction_penalty": 0.5})
+    straight = train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path / "a").dictionaries
+    real = ActivationStore.batches
+
+    def dying(self, start_step=0):
+        for i, b in enumerate(real(self, start_step)):
+            if i == 7:
+                raise KeyboardInterrupt
+            yield b
+
+    monkeypatch.setattr(ActivationStore, "batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path / "b")
+    monkeypatch.setattr(ActivationStore, "batches", real)
+    resumed = train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path / "b").dictionaries
+    for site in (TC0, TC1):
+        assert dictionary_state_equal(straight[site], resumed[site]), site
+
+
+def test_penalty_without_pairs_is_a_clear_error(default_model, tmp_path) -> None:
+    cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1})
+    with pytest.raises(DictionaryError, match="gives no pair"):
+        train_dictionaries(default_model, [Site(0, "attn_z"), Site(1, "attn_z")], _corpus(), cfg, tmp_path)
+    bad = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1, "interaction_pairs": "L0.transcoder>L3.transcoder"})
+    with pytest.raises(DictionaryError, match="not being trained"):
+        train_dictionaries(default_model, [TC0, TC1], _corpus(), bad, tmp_path)
+    with pytest.raises(ValueError, match="interaction_penalty"):
+        TrainConfig(interaction_penalty=-1.0)

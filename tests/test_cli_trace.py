@@ -30,6 +30,30 @@ def test_trace_and_query_dataset(tmp_path, capsys):
     feats = _json(capsys, ["query", str(out), "--top-features", "metric:prob_diff", "--site", "transcoder", "--json"])
     assert all(".transcoder#" in r["node"] for r in feats)
 
+    # supernodes: collapse the graph's co-acting features, then expand back to the same graph
+    coll = _json(capsys, ["supernodes", str(out), "--threshold", "0.5", "--out", str(tmp_path / "s"), "--json"])
+    assert coll["n_supernodes"] > 0 and coll["n_nodes"] == g.n_nodes - coll["grouped_features"] + coll["n_supernodes"]
+    collapsed = Graph.load(tmp_path / "s")
+    assert sum(n.kind == "supernode" for n in collapsed.nodes) == coll["n_supernodes"]
+    members = [m for ms in coll["supernodes"].values() for m in ms]
+    assert len(members) == len(set(members)) and all(g.index(m) >= 0 for m in members)
+    back = _json(capsys, ["supernodes", str(tmp_path / "s"), "--expand", str(out), "--out", str(tmp_path / "e"), "--json"])
+    assert (back["n_nodes"], back["n_edges"]) == (g.n_nodes, g.n_edges)
+
+
+def test_trace_smallest_faithful_circuit(tmp_path, capsys):
+    """--target-faithfulness: the circuit is the smallest top-score set found that reaches it, and
+    the budgets tried just below it do not reach it."""
+    s = _json(capsys, ["trace", "--task", "greater_than", "--n", "16", "--target-faithfulness", "0.8",
+                       "--max-feature-nodes", "400", "--describe-seqs", "0", "--out", str(tmp_path / "t"), "--json"])
+    meta = Graph.load(tmp_path / "t").metadata
+    tried = {int(k): v for k, v in meta["budgets_tried"].items()}
+    assert s["faithfulness"] >= 0.8 and s["n_feature_nodes"] <= max(tried)
+    chosen = min(k for k, v in tried.items() if v >= 0.8)
+    assert s["n_feature_nodes"] <= chosen and s["faithfulness"] == pytest.approx(tried[chosen], abs=1e-6)
+    below = [k for k, v in tried.items() if k < chosen]
+    assert below and all(tried[k] < 0.8 for k in below if k >= chosen * 0.9)
+
 
 def test_trace_prompt_and_components(tmp_path, capsys):
     s = _json(capsys, ["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
@@ -50,6 +74,7 @@ def test_trace_prompt_and_components(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["trace", "--sites", "mlp_out,transcoder", "--task", "ioi", "--n", "4"], "both replace"),
     (["trace", "--task", "nope", "--n", "4"], "unknown task"),
+    (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--target-faithfulness", "0.8"], "target_faithfulness"),
     (["trace", "--sites", "resid_post", "--layers", "7", "--task", "ioi", "--n", "4"], "out of range"),
 ])
 def test_trace_bad_input(tmp_path, capsys, argv, message):

@@ -130,7 +130,8 @@ def collapse(g: Graph, supernodes: list[Supernode]) -> Graph:
     w = torch.zeros(uniq.numel(), dtype=g.weights.dtype).index_add_(0, inv, g.weights[keep])
     meta = dict(g.metadata)
     meta["supernodes"] = {sn.name: sn.members for sn in supernodes}
-    return Graph(new_nodes, torch.tensor(act), uniq % n, uniq // n, w, torch.tensor(tw), labels, metadata=meta)
+    return Graph(new_nodes, torch.tensor(act), uniq % n, uniq // n, w, torch.tensor(tw), labels, metadata=meta,
+                 features=dict(g.features))
 
 
 def expand(collapsed: Graph, original: Graph) -> Graph:

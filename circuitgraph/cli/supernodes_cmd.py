@@ -1,0 +1,78 @@
+"""``circuitgraph supernodes``: group a saved graph's features into supernodes, or expand them again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from circuitgraph.errors import CircuitGraphError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("supernodes", help="collapse a graph's co-acting features into supernodes (or expand them)")
+    p.add_argument("graph", help="graph folder written by `circuitgraph trace` (a collapsed one with --expand)")
+    p.add_argument("--out", required=True, help="graph folder to write")
+    p.add_argument("--threshold", type=float, default=0.8, help="similarity at which two features of a layer are grouped")
+    p.add_argument("--min-size", type=int, default=2, help="smallest group kept as a supernode")
+    p.add_argument("--no-decoders", action="store_true",
+                   help="group by graph neighbourhood only (default: also decoder similarity, from the graph's dictionaries)")
+    p.add_argument("--expand", metavar="ORIGINAL", default=None,
+                   help="instead: open the supernodes of GRAPH again using the ORIGINAL graph it was collapsed from")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_supernodes)
+
+
+def _decoder_directions(g, enabled: bool):
+    """``[n_features, d_model]`` residual-stream directions of the graph's feature nodes, or None."""
+    folder = g.metadata.get("dicts")
+    if not enabled or not folder:
+        return None
+    import torch
+
+    from circuitgraph.features.directions import residual_directions
+    from circuitgraph.models.loading import resolve_model
+    from dictionaries.persistence import load_dictionaries
+    from dictionaries.site import Site
+
+    try:
+        dicts = load_dictionaries(folder)
+        model = resolve_model(g.metadata.get("model", "default"))
+    except Exception as err:  # noqa: BLE001 - a graph from elsewhere: fall back to the graph signal
+        log.warning("decoder similarity skipped (%s); grouping by graph neighbourhood only", err)
+        return None
+    rows = []
+    for n in g.nodes:
+        if n.kind == "feature":
+            site = Site.parse(n.site)
+            if site not in dicts:
+                return None
+            rows.append(residual_directions(model, site, dicts[site])[n.index])
+    return torch.stack(rows) if rows else None
+
+
+def run_supernodes(args: argparse.Namespace) -> int:
+    from circuitgraph.features.supernodes import collapse, expand, find_supernodes
+    from circuitgraph.graph.graph import Graph
+
+    g = Graph.load(args.graph)
+    if args.expand:
+        out = expand(g, Graph.load(args.expand))
+        summary = {"n_nodes": out.n_nodes, "n_edges": out.n_edges, "out": args.out}
+    else:
+        if not 0 < args.threshold <= 1:
+            raise CircuitGraphError(f"--threshold {args.threshold}: use a similarity in (0, 1]")
+        groups = find_supernodes(g, args.threshold, _decoder_directions(g, not args.no_decoders), min_size=args.min_size)
+        out = collapse(g, groups)
+        summary = {"n_nodes": out.n_nodes, "n_edges": out.n_edges, "n_supernodes": len(groups),
+                   "grouped_features": sum(len(s.members) for s in groups),
+                   "supernodes": {s.name: s.members for s in groups}, "out": args.out}
+    out.save(args.out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>16}: {v}")
+    return 0

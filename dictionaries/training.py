@@ -92,16 +92,18 @@ class TrainConfig:
     (e.g. L0.transcoder>L1.transcoder)."""
     interaction_weighting: Literal["edge", "jacobian"] = "edge"
     """Penalise graph edges (latent value x Jacobian entry) or raw Jacobian entries of active pairs."""
-    interaction_tokens: int = 1024
-    """Tokens of each batch on which the interaction penalty is computed."""
+    interaction_sequences: int = 4
+    """Whole sequences per step on which the interaction penalty is computed (one extra forward)."""
+    interaction_keys: int = 8
+    """Attention (attn_z reader) pairs: keys per query, those with the most attention, penalised."""
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_tokens:
             raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
         if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac, self.interaction_warmup_frac)):
             raise ValueError("decay_frac, sparsity_warmup_frac and interaction_warmup_frac must lie in [0, 1]")
-        if self.interaction_penalty < 0 or self.interaction_tokens <= 0:
-            raise ValueError("interaction_penalty must be >= 0 and interaction_tokens positive")
+        if self.interaction_penalty < 0 or self.interaction_sequences <= 0 or self.interaction_keys <= 0:
+            raise ValueError("interaction_penalty must be >= 0, interaction_sequences and interaction_keys positive")
 
     @property
     def steps(self) -> int:
@@ -231,7 +233,7 @@ def train_dictionaries(
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
     penalty = _interaction_penalty(model, sites, cfg)
-    hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)} | set(penalty.hooks if penalty else ()))
+    hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
     store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed,
                                                               cfg.activation_cache))
     dicts: dict[Site, SparseDictionary] = {}
@@ -263,10 +265,9 @@ def train_dictionaries(
         total = sum(t.total for t in terms.values())
         postfix = {}
         if penalty is not None:
-            n = min(cfg.interaction_tokens, next(iter(xs.values())).shape[0])
-            frozen = {h: distributed.shard_rows(batch[h])[:n] for h in penalty.hooks}
-            codes = {s: (t.active_idx[:n], t.active_val[:n]) for s, t in terms.items()}
-            inter = penalty(dicts, codes, frozen).total()
+            rank, world = distributed.world()
+            n_seq = cfg.interaction_sequences
+            inter = penalty(dicts, penalty.capture(source.sequences((step * world + rank) * n_seq, n_seq))).total()
             if not torch.isfinite(inter):
                 raise DictionaryError(f"the interaction penalty became {inter.item()} at step {step}; lower "
                                       f"interaction_penalty or the learning rate. The last good checkpoint {ckpt_path} is intact")
@@ -307,7 +308,7 @@ def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: T
             f"{', '.join(s.id for s in sites)}; readers are resid_*, transcoder and mlp_out dictionaries after a writer"
         )
     log.info("interaction penalty %.3g on %d pairs: %s", cfg.interaction_penalty, len(pairs), ", ".join(p.id for p in pairs))
-    return InteractionPenalty(model, pairs, cfg.interaction_weighting)
+    return InteractionPenalty(model, pairs, cfg.interaction_weighting, cfg.interaction_keys)
 
 
 def _save_checkpoint(path: Path, dicts, opts, cfg: TrainConfig, step: int) -> None:

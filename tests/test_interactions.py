@@ -18,7 +18,15 @@ from dictionaries.activations import ActivationStore
 from dictionaries.architectures.registry import build_dictionary
 from dictionaries.config import DictionaryConfig
 from dictionaries.errors import DictionaryError
-from dictionaries.interactions import InteractionPair, InteractionPenalty, _Path, pair_interactions, parse_pairs
+from dictionaries.interactions import (
+    InteractionPair,
+    InteractionPenalty,
+    _Path,
+    attention_interactions,
+    attention_keys,
+    pair_interactions,
+    parse_pairs,
+)
 from dictionaries.persistence import dictionary_state_equal
 from dictionaries.site import ModelHooks, Site
 from dictionaries.training import TrainConfig, train_dictionaries
@@ -67,6 +75,45 @@ def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts
                         got = edges.get((index[src], index[dst]), 0.0)
                         assert got == pytest.approx(float(e[t, a, b]), rel=1e-3, abs=1e-4), (src, dst)
                         checked += 1
+    assert checked > 1000
+
+
+def test_attention_interactions_are_the_cross_position_graph_edges(default_model, default_dicts) -> None:
+    """Writer -> attn_z reader: a_i(s) * J[t, s, i, j] through the frozen pattern equals the graph's
+    edge from feature i at key position s to feature j at query position t."""
+    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
+    rm = ReplacementModel(default_model, dicts)
+    tokens = make_dataset("induction", default_model, n=1, seed=2).clean_tokens[0:1]
+    graph = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
+    index = {n.id: i for i, n in enumerate(graph.nodes)}
+    edges = {(int(s), int(t)): float(w) for s, t, w in zip(graph.sources, graph.targets, graph.weights, strict=True)}
+    reader = Site(2, "attn_z")
+    penalty = InteractionPenalty(default_model, [InteractionPair(TC0, reader), InteractionPair(AZ1, reader)], n_keys=64)
+    acts = penalty.capture(tokens)
+    n_pos = tokens.shape[1]
+    keys, valid = attention_keys(acts[penalty.paths[0].pattern_hook], 64)
+    checked = 0
+    for path in penalty.paths:
+        writer = path.pair.writer
+        w_lat = dicts[writer].encode(acts[writer.input_hook][0].reshape(n_pos, -1))
+        r_lat = dicts[reader].encode(acts[reader.input_hook][0].reshape(n_pos, -1))
+        w_idx, r_idx = w_lat.topk(16).indices, r_lat.topk(16).indices
+        with torch.no_grad():
+            j = attention_interactions(path, dicts[writer], dicts[reader], w_idx[None], r_idx[None], keys, acts)[0]
+        for t in range(1, n_pos):
+            for kk in range(keys.shape[-1]):
+                if not valid[0, t, kk]:
+                    continue
+                s_pos = int(keys[0, t, kk])
+                for a in range(16):
+                    src = f"{writer.id}#{int(w_idx[s_pos, a])}@{s_pos}"
+                    for b in range(0, 16, 3):
+                        dst = f"{reader.id}#{int(r_idx[t, b])}@{t}"
+                        if src in index and dst in index:
+                            expected = float(w_lat[s_pos, w_idx[s_pos, a]].detach() * j[t, kk, a, b])
+                            got = edges.get((index[src], index[dst]), 0.0)
+                            assert got == pytest.approx(expected, rel=1e-3, abs=1e-4), (src, dst)
+                            checked += 1
     assert checked > 1000
 
 
@@ -125,8 +172,9 @@ def test_parse_pairs_adjacent_all_and_explicit() -> None:
     adjacent = {p.id for p in parse_pairs("adjacent", sites)}
     assert adjacent == {"L0.attn_z>L0.transcoder", "L0.attn_z>L1.transcoder", "L0.transcoder>L1.transcoder",
                         "L1.attn_z>L1.transcoder", "L1.attn_z>L2.transcoder", "L1.transcoder>L2.transcoder",
-                        "L2.attn_z>L2.transcoder"}
-    assert len(parse_pairs("all", sites)) == 1 + 3 + 5
+                        "L2.attn_z>L2.transcoder", "L0.attn_z>L1.attn_z", "L0.transcoder>L1.attn_z",
+                        "L1.attn_z>L2.attn_z", "L1.transcoder>L2.attn_z"}
+    assert len(parse_pairs("all", sites)) == (1 + 3 + 5) + (2 + 4)
     assert parse_pairs("none", sites) == []
     assert [p.id for p in parse_pairs("L0.transcoder>L2.transcoder", sites)] == ["L0.transcoder>L2.transcoder"]
     resid = [Site(0, "resid_post"), Site(1, "resid_post"), Site(1, "resid_mid"), Site(1, "mlp_out")]
@@ -137,36 +185,30 @@ def test_parse_pairs_adjacent_all_and_explicit() -> None:
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("L1.transcoder>L0.transcoder", "before the reader"),
-    ("L0.transcoder>L0.attn_z", "not supported as readers"),
+    ("L0.transcoder>L0.attn_z", "before the reader"),
+    ("L0.attn_z>L1.mlp_post", "not supported as readers"),
     ("L0.transcoder>L5.transcoder", "not being trained"),
     ("L0.transcoder-L1.transcoder", "WRITER>READER"),
     ("L1.mlp_out>L1.mlp_out", "after the MLP"),
 ])
 def test_bad_pairs_are_refused(spec: str, message: str) -> None:
-    sites = [Site(layer, kind) for layer in range(2) for kind in ("attn_z", "transcoder", "mlp_out")]
+    sites = [Site(layer, kind) for layer in range(2) for kind in ("attn_z", "transcoder", "mlp_out", "mlp_post")]
     with pytest.raises(ValueError, match=message):
         parse_pairs(spec, sites)
 
 
 SMALL = TrainConfig(arch="topk", k=8, expansion=2, tokens=1024 * 40, batch_tokens=1024, chunk_sequences=24,
-                    model_batch=8, checkpoint_every=5, warmup_steps=5, interaction_tokens=512)
+                    model_batch=8, checkpoint_every=5, warmup_steps=5, interaction_sequences=4)
 
 
 def _corpus() -> ToyCorpus:
     return ToyCorpus(CorpusConfig(seed=1, seq_len=64))
 
 
-def _mean_interaction(model, dicts, penalty: InteractionPenalty) -> float:
-    store = ActivationStore(model, sorted({h for s in dicts for h in (s.input_hook, s.output_hook)} | set(penalty.hooks)),
-                            ToyCorpus(CorpusConfig(seed=99, seq_len=64)))
-    acts = store.activations(store.source.sequences(0, 16))
-    codes = {}
+def _mean_interaction(dicts, penalty: InteractionPenalty) -> float:
+    tokens = ToyCorpus(CorpusConfig(seed=99, seq_len=64)).sequences(0, 16)
     with torch.no_grad():
-        for s, d in dicts.items():
-            lat = d.encode(acts[s.input_hook])
-            idx = lat.topk(d.cfg.k).indices
-            codes[s] = (idx, lat.gather(1, idx))
-        return float(penalty(dicts, codes, {h: acts[h] for h in penalty.hooks}).total())
+        return float(penalty(dicts, penalty.capture(tokens)).total())
 
 
 def test_penalty_makes_interactions_sparser(default_model, tmp_path) -> None:
@@ -175,7 +217,7 @@ def test_penalty_makes_interactions_sparser(default_model, tmp_path) -> None:
     cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 1.0})
     sparse = train_dictionaries(default_model, sites, _corpus(), cfg, tmp_path / "sparse").dictionaries
     penalty = InteractionPenalty(default_model, parse_pairs("adjacent", sites))
-    before, after = _mean_interaction(default_model, plain, penalty), _mean_interaction(default_model, sparse, penalty)
+    before, after = _mean_interaction(plain, penalty), _mean_interaction(sparse, penalty)
     assert after < 0.5 * before, (before, after)
     saved = json.loads((tmp_path / "sparse" / "train_config.json").read_text())
     assert saved["interaction_penalty"] == 1.0 and saved["interaction_pairs"] == "adjacent"
@@ -204,7 +246,7 @@ def test_penalised_run_resumes_to_identical_weights(default_model, tmp_path, mon
 def test_penalty_without_pairs_is_a_clear_error(default_model, tmp_path) -> None:
     cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1})
     with pytest.raises(DictionaryError, match="gives no pair"):
-        train_dictionaries(default_model, [Site(0, "attn_z"), Site(1, "attn_z")], _corpus(), cfg, tmp_path)
+        train_dictionaries(default_model, [Site(0, "mlp_post"), Site(1, "mlp_post")], _corpus(), cfg, tmp_path)
     bad = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1, "interaction_pairs": "L0.transcoder>L3.transcoder"})
     with pytest.raises(DictionaryError, match="not being trained"):
         train_dictionaries(default_model, [TC0, TC1], _corpus(), bad, tmp_path)

@@ -35,7 +35,7 @@ class DictionaryOutput(NamedTuple):
 
 
 class LossTerms(NamedTuple):
-    """What ``training_loss`` returns (scalars, ``fired`` and the active latents)."""
+    """What ``training_loss`` returns (all scalars but ``fired``)."""
 
     total: torch.Tensor
     """The loss to minimise."""
@@ -49,11 +49,6 @@ class LossTerms(NamedTuple):
     """Mean number of active latents per token in the batch."""
     fired: torch.Tensor
     """``[d_dict]`` bool: latents active on at least one token of the batch."""
-    active_idx: torch.Tensor
-    """``[N, m]`` indices of each token's active latents (padded with inactive ones where a token
-    has fewer than ``m``); used by the interaction penalty."""
-    active_val: torch.Tensor
-    """``[N, m]`` their values, with gradients (0 for padding)."""
 
 
 class SparseDictionary(nn.Module, abc.ABC):
@@ -145,10 +140,8 @@ class SparseDictionary(nn.Module, abc.ABC):
         aux = self.aux_loss(x_s, y_s, pre, latents, recon)
         with torch.no_grad():
             active = latents > 0
-            counts = active.sum(-1)
-            l0, fired = counts.float().mean(), active.any(0)
-            idx = latents.detach().topk(max(1, int(counts.max())), dim=-1, sorted=False).indices
-        return LossTerms(mse + sparsity + aux, mse, sparsity, aux, l0, fired, idx, latents.gather(1, idx))
+            l0, fired = active.sum(-1).float().mean(), active.any(0)
+        return LossTerms(mse + sparsity + aux, mse, sparsity, aux, l0, fired)
 
     def sparsity_loss(self, pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The sparsity penalty added to the loss (default: none)."""

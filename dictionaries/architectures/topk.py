@@ -70,7 +70,7 @@ class TopKDictionary(SparseDictionary):
             fired = torch.zeros(self.cfg.d_dict, dtype=torch.bool, device=idx.device)
             fired[idx[active]] = True
             l0 = active.sum(-1).float().mean()
-        return LossTerms(mse + aux, mse, pre.new_zeros(()), aux, l0, fired, idx, vals)
+        return LossTerms(mse + aux, mse, pre.new_zeros(()), aux, l0, fired)
 
 
 class BatchTopKDictionary(SparseDictionary):

@@ -31,8 +31,7 @@ def splice_hooks(site: Site, d: SparseDictionary | None, mode: Mode = "reconstru
             x = saved.pop("x") if site.is_transcoder else act
             flat = x.reshape(shape[0], shape[1], -1)
             new = d(flat.reshape(-1, flat.shape[-1])).output.reshape(shape).to(act.dtype)
-        new[:, 0] = act[:, 0]
-        return new
+        return torch.cat([act[:, :1], new[:, 1:]], 1)  # out of place: gradients can flow (e2e training)
 
     hooks: list[tuple[str, object]] = []
     if site.is_transcoder and mode == "reconstruct":

@@ -28,6 +28,7 @@ from dictionaries.architectures.registry import build_dictionary
 from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from dictionaries.config import Architecture, DictionaryConfig
 from dictionaries.determinism import deterministic
+from dictionaries.e2e import e2e_kl, frozen_weights
 from dictionaries.errors import DictionaryError
 from dictionaries.interactions import InteractionPenalty, parse_pairs
 from dictionaries.persistence import save_dictionaries
@@ -96,12 +97,19 @@ class TrainConfig:
     """Whole sequences per step on which the interaction penalty is computed (one extra forward)."""
     interaction_keys: int = 8
     """Attention (attn_z reader) pairs: keys per query, those with the most attention, penalised."""
+    e2e_kl_coeff: float = 0.0
+    """Weight of the end-to-end term: KL of the model's next-token predictions with each dictionary
+    spliced in, from the clean ones (0 disables; see dictionaries/e2e.py)."""
+    e2e_sequences: int = 4
+    """Whole sequences per step on which the end-to-end KL term is computed."""
 
     def __post_init__(self) -> None:
         if self.tokens < self.batch_tokens:
             raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
         if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac, self.interaction_warmup_frac)):
             raise ValueError("decay_frac, sparsity_warmup_frac and interaction_warmup_frac must lie in [0, 1]")
+        if self.e2e_kl_coeff < 0 or self.e2e_sequences <= 0:
+            raise ValueError("e2e_kl_coeff must be >= 0 and e2e_sequences positive")
         if self.interaction_penalty < 0 or self.interaction_sequences <= 0 or self.interaction_keys <= 0:
             raise ValueError("interaction_penalty must be >= 0, interaction_sequences and interaction_keys positive")
 
@@ -274,6 +282,16 @@ def train_dictionaries(
             ramp = min(1.0, (step + 1) / max(1, cfg.interaction_warmup_frac * cfg.steps))
             total = total + cfg.interaction_penalty * ramp * inter
             postfix["inter"] = f"{inter.item():.3g}"
+        if cfg.e2e_kl_coeff > 0:
+            rank, world = distributed.world()
+            with frozen_weights(model):
+                kl = sum(e2e_kl(model, dicts, source.sequences((step * world + rank) * cfg.e2e_sequences,
+                                                                cfg.e2e_sequences)).values()) / len(dicts)
+            if not torch.isfinite(kl):
+                raise DictionaryError(f"the end-to-end KL term became {kl.item()} at step {step}; lower e2e_kl_coeff "
+                                      f"or the learning rate. The last good checkpoint {ckpt_path} is intact")
+            total = total + cfg.e2e_kl_coeff * len(dicts) * kl
+            postfix["KL"] = f"{kl.item():.3g}"
         total.backward()
         stats = [steppers[s].update(terms[s], xs[s], ys[s], cfg.lr * lr_mult, step) for s in sites]
         dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)

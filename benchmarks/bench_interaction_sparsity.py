@@ -48,7 +48,7 @@ def load_set(folder) -> dict:
     return {s: d for s, d in load_dictionaries(folder).items() if s.kind in KINDS}
 
 
-def overhead(model, penalty: float, steps: int) -> tuple[float, float]:
+def overhead(model, penalty: float, pairs: str, steps: int) -> tuple[float, float]:
     """Seconds per step of plain and penalised training of the 8 dictionaries on cached activations."""
     sites = expand_sites(",".join(KINDS), "all", model.cfg.n_layers)
     source = ToyCorpus(CorpusConfig(seed=1))
@@ -56,7 +56,7 @@ def overhead(model, penalty: float, steps: int) -> tuple[float, float]:
         base = dict(tokens=steps * 4096, activation_cache=f"{tmp}/cache", checkpoint_every=10**9)
         train_dictionaries(model, sites, source, TrainConfig(**base), f"{tmp}/warm")  # fills the cache
         plain = train_dictionaries(model, sites, source, TrainConfig(**base), f"{tmp}/plain").seconds
-        pen = train_dictionaries(model, sites, source, TrainConfig(**base, interaction_penalty=penalty), f"{tmp}/pen").seconds
+        pen = train_dictionaries(model, sites, source, TrainConfig(**base, interaction_penalty=penalty, interaction_pairs=pairs), f"{tmp}/pen").seconds
     return plain / steps, pen / steps
 
 
@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="prompts per task for circuit faithfulness")
     ap.add_argument("--target", type=float, default=0.8)
     ap.add_argument("--overhead-steps", type=int, default=30)
-    ap.add_argument("--penalty", type=float, default=0.3, help="interaction penalty for the overhead run")
+    ap.add_argument("--penalty", type=float, default=1.0, help="interaction penalty for the overhead run")
+    ap.add_argument("--pairs", default="all", help="interaction pairs for the overhead run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default()
@@ -95,7 +96,7 @@ def main() -> None:
     sets = {"plain": load_set(args.baseline), "sparse": load_set(args.sparse)}
 
     if args.overhead_steps > 0:
-        plain_s, pen_s = overhead(model, args.penalty, args.overhead_steps)
+        plain_s, pen_s = overhead(model, args.penalty, args.pairs, args.overhead_steps)
         print(f"training step (8 dictionaries, 4096 tokens): plain {plain_s:.3f} s, with penalty {pen_s:.3f} s, "
               f"overhead x{pen_s / plain_s:.2f}")
 
@@ -111,7 +112,7 @@ def main() -> None:
     mean = {n: (sum(m[s].fvu for s in sites) / len(sites), sum(m[s].ce_recovered for s in sites) / len(sites))
             for n, m in metrics.items()}
     print(f"mean FVU plain {mean['plain'][0]:.3f} sparse {mean['sparse'][0]:.3f}; mean CE recovered plain "
-          f"{mean['plain'][1]:.3f} sparse {mean['sparse'][1]:.3f}; worst site: FVU +{gap_fvu:.3f}, CE recovered -{gap_ce:.3f}")
+          f"{mean['plain'][1]:.3f} sparse {mean['sparse'][1]:.3f}; worst site: FVU {gap_fvu:+.3f}, CE recovered {-gap_ce:+.3f}")
 
     rms = {n: ReplacementModel(model, d) for n, d in sets.items()}
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ from transformer_lens import HookedTransformer
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.site import ModelHooks, Site
 
-Weighting = Literal["edge", "jacobian"]
+Weighting = Literal["edge", "jacobian", "concentration"]
 
 _READERS = ("resid_pre", "resid_mid", "resid_post", "transcoder", "mlp_out", "attn_z")
 _WRITERS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "transcoder", "attn_z", "mlp_post")
@@ -279,8 +279,8 @@ class InteractionPenalty:
 
     def __init__(self, model: HookedTransformer, pairs: Sequence[InteractionPair], weighting: Weighting = "edge",
                  n_keys: int = 8) -> None:
-        if weighting not in ("edge", "jacobian"):
-            raise ValueError(f"unknown interaction weighting {weighting!r}; choose edge or jacobian")
+        if weighting not in ("edge", "jacobian", "concentration"):
+            raise ValueError(f"unknown interaction weighting {weighting!r}; choose edge, jacobian or concentration")
         if n_keys < 1:
             raise ValueError(f"n_keys={n_keys}: penalise at least one key per query")
         for p in pairs:
@@ -318,6 +318,7 @@ class InteractionPenalty:
             codes[s] = (idx.reshape(n_seq, n_pos - 1, -1), val.reshape(n_seq, n_pos - 1, -1))
         frozen_flat = {h: a[:, 1:].reshape(n_seq * (n_pos - 1), -1) for h, a in acts.items() if "hook_pattern" not in h}
         terms = InteractionTerms()
+        sums: dict[Site, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for path in self.paths:
             w, r = path.pair.writer, path.pair.reader
             (w_idx, w_val), (r_idx, r_val) = codes[w], codes[r]
@@ -336,8 +337,20 @@ class InteractionPenalty:
                 wv = pad(w_val)[b_idx, keys[:, 1:]].unsqueeze(-1)  # [B, P-1, K, kU, 1]
                 r_on = r_on[:, :, None, None, :]
                 valid = valid[:, 1:, :, None, None]
-            weights = (wv * j).abs() if self.weighting == "edge" else j.abs() * (wv.detach() > 0)
-            weights = weights * r_on if valid is None else weights * r_on * valid
-            dims = tuple(range(1 if valid is None else 2, weights.dim()))
-            terms[path.pair.id] = weights.sum(dims).mean()
+            mask = r_on if valid is None else r_on * valid
+            edges = wv * j * mask
+            dims = (-2,) if valid is None else (-3, -2)  # sum over writer latents (and keys): [N, kD] per target
+            if self.weighting == "edge":
+                terms[path.pair.id] = edges.abs().sum(dims).reshape(-1, edges.shape[-1]).sum(-1).mean()
+            elif self.weighting == "jacobian":
+                terms[path.pair.id] = (j.abs() * (wv.detach() > 0) * mask).sum(dims).reshape(-1, j.shape[-1]).sum(-1).mean()
+            else:
+                l1 = edges.abs().sum(dims).reshape(-1, edges.shape[-1])
+                l2 = edges.pow(2).sum(dims).reshape(-1, edges.shape[-1])
+                sums.setdefault(r, []).append((l1, l2, r_on.reshape(-1, r_on.shape[-1])))
+        for r, parts in sums.items():  # concentration: effective number of incoming edges per active target
+            l1 = sum(p[0] for p in parts)
+            l2 = sum(p[1] for p in parts)
+            on = parts[0][2] & (l2 > 0)
+            terms[f"into {r.id}"] = (l1.pow(2) / l2.clamp(min=1e-30))[on].mean() if on.any() else l1.sum() * 0
         return terms

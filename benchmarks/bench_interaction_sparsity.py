@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="prompt graphs per task for edges per feature")
     ap.add_argument("--n", type=int, default=64, help="prompts per task for circuit faithfulness")
     ap.add_argument("--target", type=float, default=0.8)
+    ap.add_argument("--circuits", action=argparse.BooleanOptionalAction, default=True,
+                    help="also search the smallest faithful circuit per task (the slow part)")
     ap.add_argument("--overhead-steps", type=int, default=30)
     ap.add_argument("--penalty", type=float, default=1.0, help="interaction penalty for the overhead run")
     ap.add_argument("--pairs", default="all", help="interaction pairs for the overhead run")
@@ -122,6 +124,8 @@ def main() -> None:
     for k in (*KINDS, "all"):
         print(f"  {k:11s} plain {epf['plain'][k]:7.2f}  sparse {epf['sparse'][k]:7.2f}  ratio {epf['plain'][k] / epf['sparse'][k]:.2f}")
 
+    if not args.circuits:
+        return
     print(f"\nsmallest circuit with faithfulness >= {args.target} ({args.n} prompts, attribution scores, patch ablation)")
     print(f"{'task':13s} {'plain nodes':>11s} {'faithful':>8s} {'sparse nodes':>12s} {'faithful':>8s}")
     for task in tasks:

@@ -348,9 +348,10 @@ class InteractionPenalty:
                 l1 = edges.abs().sum(dims).reshape(-1, edges.shape[-1])
                 l2 = edges.pow(2).sum(dims).reshape(-1, edges.shape[-1])
                 sums.setdefault(r, []).append((l1, l2, r_on.reshape(-1, r_on.shape[-1])))
-        for r, parts in sums.items():  # concentration: effective number of incoming edges per active target
+        for r, parts in sums.items():  # concentration: mean log effective number of incoming edges per active target
             l1 = sum(p[0] for p in parts)
             l2 = sum(p[1] for p in parts)
             on = parts[0][2] & (l2 > 0)
-            terms[f"into {r.id}"] = (l1.pow(2) / l2.clamp(min=1e-30))[on].mean() if on.any() else l1.sum() * 0
+            eff = l1.pow(2) / l2.clamp(min=1e-30)
+            terms[f"into {r.id}"] = eff[on].log().mean() if on.any() else l1.sum() * 0
         return terms

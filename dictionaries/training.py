@@ -93,8 +93,8 @@ class TrainConfig:
     (e.g. L0.transcoder>L1.transcoder)."""
     interaction_weighting: Literal["edge", "jacobian", "concentration"] = "edge"
     """edge: L1 of graph edges (latent value x Jacobian entry) of active pairs; jacobian: L1 of the
-    Jacobian entries; concentration: effective number of incoming edges (L1^2 / L2^2) of each
-    active reader latent (scale-free)."""
+    Jacobian entries; concentration: log of the effective number of incoming edges (L1^2 / L2^2)
+    of each active reader latent (scale-free)."""
     interaction_sequences: int = 4
     """Whole sequences per step on which the interaction penalty is computed (one extra forward)."""
     interaction_keys: int = 8

@@ -4,6 +4,7 @@ MLP Jacobian for pairs around an MLP), the penalty makes them sparser, bad pairs
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -252,3 +253,26 @@ def test_penalty_without_pairs_is_a_clear_error(default_model, tmp_path) -> None
         train_dictionaries(default_model, [TC0, TC1], _corpus(), bad, tmp_path)
     with pytest.raises(ValueError, match="interaction_penalty"):
         TrainConfig(interaction_penalty=-1.0)
+
+
+def test_concentration_is_a_scale_free_effective_edge_count(default_model, default_dicts) -> None:
+    """The concentration penalty is the mean log effective number of incoming edges (L1^2 / L2^2) of
+    each active reader latent: between 0 and log(number of edges), unchanged when the reader's
+    pre-activations are rescaled, while the edge L1 scales with them."""
+    import copy
+
+    dicts = {s: copy.deepcopy(d) for s, d in default_dicts.items() if s in (TC0, AZ1, TC1)}
+    pairs = parse_pairs("all", sorted(dicts))
+    conc, edge = InteractionPenalty(default_model, pairs, "concentration"), InteractionPenalty(default_model, pairs, "edge")
+    acts = conc.capture(ToyCorpus(CorpusConfig(seed=5, seq_len=32)).sequences(0, 4))
+    with torch.no_grad():
+        c0, e0 = conc(dicts, acts), edge(dicts, acts)
+        assert set(c0) == {"into L1.transcoder", "into L1.attn_z"}
+        # per target: 2 writers x 16 latents into a transcoder; 1 writer x 8 keys x 16 latents into attn_z
+        assert 0.0 < float(c0["into L1.transcoder"]) <= math.log(32) and 0.0 < float(c0["into L1.attn_z"]) <= math.log(128)
+        dicts[TC1].W_enc.mul_(3.0)
+        dicts[TC1].b_enc.mul_(3.0)
+        c1, e1 = conc(dicts, acts), edge(dicts, acts)
+    assert float(c1["into L1.transcoder"]) == pytest.approx(float(c0["into L1.transcoder"]), rel=1e-5)
+    for pair in ("L0.transcoder>L1.transcoder", "L1.attn_z>L1.transcoder"):
+        assert float(e1[pair]) == pytest.approx(3.0 * float(e0[pair]), rel=1e-5)

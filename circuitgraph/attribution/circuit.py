@@ -184,7 +184,7 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
     if cfg.method == "acdc":
         res = acdc_nodes(ablator, scores, cfg.tau, cfg.max_feature_nodes, progress=cfg.progress)
         circuit = res.circuit
-        extra = {"acdc_tested": res.tested, "acdc_skipped": res.skipped,
+        extra = {"acdc_tested": res.tested, "acdc_skipped": res.skipped, "acdc_kept_untested": res.kept_untested,
                  "plain_acdc_forward_passes": res.plain_forward_passes, "acdc_forward_passes": res.forward_passes}
     elif cfg.target_faithfulness > 0:
         found = smallest_circuit(ablator, scores, cfg.target_faithfulness, cfg.max_feature_nodes, cfg.progress)

@@ -82,6 +82,11 @@ def test_trace_bad_input(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_supernodes_bad_input(tmp_path, capsys):
+    assert main(["supernodes", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
 def test_query_bad_input(tmp_path, capsys):
     assert main(["query", str(tmp_path / "none"), "--upstream", "tok@0"]) == 2
     assert "missing" in capsys.readouterr().err

@@ -46,15 +46,22 @@ def test_edges_to_fraction_counts_strongest_edges() -> None:
         edges_to_fraction(targets, weights, 4, 0.0)
 
 
+def _prompt_graph(model, default_dicts, task: str, seed: int):
+    """attn_z + transcoder dictionaries, one task prompt, its full direct-attribution graph as
+    ``{node id: index}`` and ``{(source, target): weight}``."""
+    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
+    tokens = make_dataset(task, model, n=1, seed=seed).clean_tokens[0:1]
+    graph = attribute_prompt(ReplacementModel(model, dicts), tokens,
+                             LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
+    index = {n.id: i for i, n in enumerate(graph.nodes)}
+    edges = {(int(s), int(t)): float(w) for s, t, w in zip(graph.sources, graph.targets, graph.weights, strict=True)}
+    return dicts, tokens, index, edges
+
+
 def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts) -> None:
     """a_i * J[i, j] from the training penalty equals the same-position direct edge that the graph
     engine computes between the two features (attention and normalisation frozen)."""
-    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
-    rm = ReplacementModel(default_model, dicts)
-    tokens = make_dataset("ioi", default_model, n=1, seed=3).clean_tokens[0:1]
-    graph = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
-    index = {n.id: i for i, n in enumerate(graph.nodes)}
-    edges = {(int(s), int(t)): float(w) for s, t, w in zip(graph.sources, graph.targets, graph.weights, strict=True)}
+    dicts, tokens, index, edges = _prompt_graph(default_model, default_dicts, "ioi", 3)
     _, cache = default_model.run_with_cache(tokens)
     n_pos = tokens.shape[1]
     frozen = {ModelHooks.ln_scale(1, "ln2"): cache[ModelHooks.ln_scale(1, "ln2")][0].reshape(n_pos, 1)}
@@ -82,12 +89,7 @@ def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts
 def test_attention_interactions_are_the_cross_position_graph_edges(default_model, default_dicts) -> None:
     """Writer -> attn_z reader: a_i(s) * J[t, s, i, j] through the frozen pattern equals the graph's
     edge from feature i at key position s to feature j at query position t."""
-    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
-    rm = ReplacementModel(default_model, dicts)
-    tokens = make_dataset("induction", default_model, n=1, seed=2).clean_tokens[0:1]
-    graph = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
-    index = {n.id: i for i, n in enumerate(graph.nodes)}
-    edges = {(int(s), int(t)): float(w) for s, t, w in zip(graph.sources, graph.targets, graph.weights, strict=True)}
+    dicts, tokens, index, edges = _prompt_graph(default_model, default_dicts, "induction", 2)
     reader = Site(2, "attn_z")
     penalty = InteractionPenalty(default_model, [InteractionPair(TC0, reader), InteractionPair(AZ1, reader)], n_keys=64)
     acts = penalty.capture(tokens)

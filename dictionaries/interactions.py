@@ -289,7 +289,8 @@ class InteractionPenalty:
         self.model, self.pairs, self.weighting, self.n_keys = model, list(pairs), weighting, n_keys
         self.paths = [_Path(model, p) for p in self.pairs]
         sites = {s for p in self.pairs for s in (p.writer, p.reader)}
-        self.hooks = sorted(set(frozen_hooks(self.pairs, model.cfg)) | {s.input_hook for s in sites})
+        self.frozen = frozen_hooks(self.pairs, model.cfg)
+        self.hooks = sorted(set(self.frozen) | {s.input_hook for s in sites})
 
     @torch.no_grad()
     def capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -316,7 +317,7 @@ class InteractionPenalty:
             x = acts[s.input_hook][:, 1:].reshape(n_seq * (n_pos - 1), -1)
             idx, val = active_codes(dicts[s], x)
             codes[s] = (idx.reshape(n_seq, n_pos - 1, -1), val.reshape(n_seq, n_pos - 1, -1))
-        frozen_flat = {h: a[:, 1:].reshape(n_seq * (n_pos - 1), -1) for h, a in acts.items() if "hook_pattern" not in h}
+        frozen_flat = {h: acts[h][:, 1:].reshape(n_seq * (n_pos - 1), -1) for h in self.frozen if "hook_pattern" not in h}
         terms = InteractionTerms()
         sums: dict[Site, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for path in self.paths:

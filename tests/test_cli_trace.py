@@ -85,6 +85,12 @@ def test_trace_bad_input(tmp_path, capsys, argv, message):
 def test_supernodes_bad_input(tmp_path, capsys):
     assert main(["supernodes", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "missing" in capsys.readouterr().err
+    g = tmp_path / "g"
+    assert main(["trace", "--task", "greater_than", "--n", "4", "--max-feature-nodes", "10", "--describe-seqs", "0",
+                 "--out", str(g), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["supernodes", str(g), "--threshold", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--threshold 0.0: use a similarity in (0, 1]" in capsys.readouterr().err
 
 
 def test_query_bad_input(tmp_path, capsys):

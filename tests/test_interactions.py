@@ -296,3 +296,47 @@ def test_committed_sparse_interaction_set_is_more_concentrated(default_model, de
         before, after = penalty(plain, acts), penalty(sparse, acts)
     for reader in before:
         assert float(after[reader]) < float(before[reader]) - 0.1, reader
+
+
+def test_bad_penalty_settings_are_refused(default_model) -> None:
+    pairs = [InteractionPair(TC0, TC1)]
+    with pytest.raises(ValueError, match="unknown interaction weighting"):
+        InteractionPenalty(default_model, pairs, "l2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one key"):
+        InteractionPenalty(default_model, pairs, n_keys=0)
+    with pytest.raises(ValueError, match="interaction_sequences"):
+        TrainConfig(interaction_sequences=0)
+
+
+@pytest.mark.parametrize("term", ["interaction", "e2e"])
+def test_non_finite_extra_term_stops_with_step_and_keeps_checkpoint(default_model, tmp_path, monkeypatch, term) -> None:
+    """A NaN interaction penalty (or end-to-end KL) stops training with an error naming the step;
+    the last atomic checkpoint survives."""
+    import dictionaries.training as training
+    from dictionaries.checkpoint import load_checkpoint
+    from dictionaries.interactions import InteractionTerms
+
+    calls = {"n": 0}
+    if term == "interaction":
+        real = InteractionPenalty.__call__
+
+        def poisoned(self, dicts, acts):
+            out = real(self, dicts, acts)
+            calls["n"] += 1
+            return InteractionTerms({k: v * float("nan") for k, v in out.items()}) if calls["n"] == 7 else out
+
+        monkeypatch.setattr(InteractionPenalty, "__call__", poisoned)
+        cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.5})
+    else:
+        real_kl = training.e2e_kl
+
+        def poisoned_kl(model, dicts, tokens):
+            out = real_kl(model, dicts, tokens)
+            calls["n"] += 1
+            return {k: v * float("nan") for k, v in out.items()} if calls["n"] == 7 else out
+
+        monkeypatch.setattr(training, "e2e_kl", poisoned_kl)
+        cfg = TrainConfig(**{**SMALL.__dict__, "e2e_kl_coeff": 1.0})
+    with pytest.raises(DictionaryError, match="at step 6.*checkpoint .* is intact"):
+        train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path)
+    assert load_checkpoint(tmp_path / "train_checkpoint.safetensors").meta["step"] == 5

@@ -34,13 +34,14 @@ def _decoder_directions(g, enabled: bool):
 
     from circuitgraph.features.directions import residual_directions
     from circuitgraph.models.loading import resolve_model
+    from dictionaries.errors import DictionaryError
     from dictionaries.persistence import load_dictionaries
     from dictionaries.site import Site
 
     try:
         dicts = load_dictionaries(folder)
         model = resolve_model(g.metadata.get("model", "default"))
-    except Exception as err:  # noqa: BLE001 - a graph from elsewhere: fall back to the graph signal
+    except (CircuitGraphError, DictionaryError, OSError, ValueError) as err:  # a graph from elsewhere: graph signal only
         log.warning("decoder similarity skipped (%s); grouping by graph neighbourhood only", err)
         return None
     rows = []

@@ -45,19 +45,26 @@ def fvu(recon: torch.Tensor, x: torch.Tensor) -> float:
     return ((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
 
 
-def run_ours(train: torch.Tensor, test: torch.Tensor, width: int, k: int, batch: int, lr: float) -> tuple[float, float]:
+def schedule(step: int, steps: int, decay_frac: float) -> float:
+    """Learning-rate multiplier: constant, then linear decay to 0 over the last ``decay_frac``."""
+    start = int(steps * (1 - decay_frac))
+    return 1.0 if step < start or decay_frac == 0 else (steps - step) / (steps - start)
+
+
+def run_ours(train: torch.Tensor, test: torch.Tensor, width: int, k: int, batch: int, lr: float,
+             decay_frac: float) -> tuple[float, float]:
     from dictionaries.architectures.registry import build_dictionary
     from dictionaries.config import DictionaryConfig
-    from dictionaries.training import DictionaryStepper, initialise_from_data
+    from dictionaries.training import DictionaryStepper, TrainConfig, initialise_from_data
 
     d = build_dictionary(DictionaryConfig(arch="topk", d_in=train.shape[1], d_dict=width, k=k), seed=0)
     initialise_from_data(d, train[:batch], train[:batch])
-    stepper = DictionaryStepper(d, lr=lr)
+    stepper = DictionaryStepper(d, lr=lr, grad_clip=TrainConfig().grad_clip)  # our trainer's default
     steps = train.shape[0] // batch
     t0 = time.perf_counter()
     for s in range(steps):
         x = train[s * batch : (s + 1) * batch]
-        stepper.step(x, x, lr=lr, step=s)
+        stepper.step(x, x, lr=lr * schedule(s, steps, decay_frac), step=s)
     seconds = time.perf_counter() - t0
     d.eval()
     with torch.no_grad():
@@ -65,7 +72,7 @@ def run_ours(train: torch.Tensor, test: torch.Tensor, width: int, k: int, batch:
 
 
 def run_saelens(train: torch.Tensor, test: torch.Tensor, width: int, k: int, batch: int, lr: float,
-                sparse: bool) -> tuple[float, float]:
+                decay_frac: float, sparse: bool) -> tuple[float, float]:
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
@@ -88,6 +95,8 @@ def run_saelens(train: torch.Tensor, test: torch.Tensor, width: int, k: int, bat
             dead[fired] = 0
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * schedule(s, steps, decay_frac)
         opt.step()
         opt.zero_grad()
     seconds = time.perf_counter() - t0
@@ -103,8 +112,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
+    p.add_argument("--lrs", type=float, nargs="+", default=[4e-3, 8e-3, 1.2e-2, 1.6e-2],
                    help="learning rates tried for both (each tool's best FVU is compared)")
+    p.add_argument("--decay-frac", type=float, default=0.2,
+                   help="both: constant learning rate, then linear decay to 0 over this last fraction of steps "
+                        "(our trainer's default; SAELens's trainer offers the same with lr_decay_steps)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,14 +127,15 @@ def main() -> None:
     train, test = train * scale, test * scale
     runs = []
     for lr in args.lrs:
-        ours_tps, ours_fvu = run_ours(train, test, args.width, args.k, args.batch, lr)
-        sl_tps, sl_fvu = run_saelens(train, test, args.width, args.k, args.batch, lr, sparse=False)
+        ours_tps, ours_fvu = run_ours(train, test, args.width, args.k, args.batch, lr, args.decay_frac)
+        sl_tps, sl_fvu = run_saelens(train, test, args.width, args.k, args.batch, lr, args.decay_frac, sparse=False)
         runs.append({"lr": lr, "ours_tokens_per_s": round(ours_tps), "ours_fvu": round(ours_fvu, 4),
                      "saelens_tokens_per_s": round(sl_tps), "saelens_fvu": round(sl_fvu, 4),
                      "ratio": round(ours_tps / sl_tps, 2)})
         print(json.dumps(runs[-1]), flush=True)
     try:  # SAELens's sparse-activation mode; its backward fails on some CPU builds of torch
-        sls_tps, sls_fvu = run_saelens(train, test, args.width, args.k, args.batch, args.lrs[0], sparse=True)
+        sls_tps, sls_fvu = run_saelens(train, test, args.width, args.k, args.batch, args.lrs[0], args.decay_frac,
+                                       sparse=True)
         sparse_result = {"tokens_per_s": round(sls_tps), "fvu": round(sls_fvu, 4)}
     except (NotImplementedError, RuntimeError) as err:
         sparse_result = {"failed": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
@@ -132,7 +145,7 @@ def main() -> None:
     tps_sl = sum(r["saelens_tokens_per_s"] for r in runs) / len(runs)
     result = {
         "site": args.site, "tokens": args.tokens, "width": args.width, "k": args.k, "batch": args.batch,
-        "threads": args.threads, "runs": runs,
+        "threads": args.threads, "decay_frac": args.decay_frac, "runs": runs,
         "throughput_ratio": round(tps_ours / tps_sl, 2),
         "best_fvu": {"ours": best_ours["ours_fvu"], "ours_lr": best_ours["lr"],
                      "saelens": best_sl["saelens_fvu"], "saelens_lr": best_sl["lr"]},

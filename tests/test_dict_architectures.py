@@ -180,3 +180,55 @@ def test_resampling_revives_dead_latents(arch: str) -> None:
     # each new decoder row is the direction of one input's reconstruction error
     cos = F.normalize(err, dim=1) @ d.W_dec.detach()[dead].T
     assert cos.max(0).values.min() > 0.999
+
+
+def _dense_topk_loss(d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The TopK + AuxK training loss written densely, for autograd to differentiate."""
+    x_s, y_s = x * d.norm_in, y * d.norm_out
+    pre = x_s @ d.W_enc + d.b_enc
+    recon = d._recon_scaled(x_s, d.activation(pre))
+    mse = (recon - y_s).pow(2).sum(-1).mean()
+    dead = d.dead_mask()
+    k_aux = min(d.cfg.aux_k_resolved, int(dead.sum()))
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    top = dead_pre.topk(k_aux, dim=-1)
+    aux_latents = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    err_hat = aux_latents @ d.W_dec
+    return mse + d.cfg.aux_coeff * (err_hat - (y_s - recon).detach()).pow(2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("d_out, skip", [(0, False), (6, True)])
+def test_sparse_topk_training_matches_dense_autograd(d_out: int, skip: bool) -> None:
+    """The sparse backward of TopK training (k encoder columns and decoder rows per token, CSR
+    products) gives the loss and every gradient of the dense formulation, AuxK included."""
+    d = make("topk", d_out=d_out, skip=skip).double()
+    d.train()
+    d.tokens_since_fired[::3] = d.cfg.dead_after_tokens  # a third of the latents dead: AuxK is on
+    x = torch.randn(50, 8, dtype=torch.float64)
+    y = torch.randn(50, d.cfg.out_width, dtype=torch.float64)
+    terms = d.training_loss(x, y)
+    assert terms.aux.item() > 0
+    grads = torch.autograd.grad(terms.total, list(d.parameters()))
+    ref = _dense_topk_loss(d, x, y)
+    ref_grads = torch.autograd.grad(ref, list(d.parameters()))
+    torch.testing.assert_close(terms.total, ref, rtol=1e-10, atol=1e-12)
+    for (name, _), g, r in zip(d.named_parameters(), grads, ref_grads, strict=True):
+        assert r.abs().max() > 0, name
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sparse_code_input_gradient_matches_dense() -> None:
+    from dictionaries.architectures.sparse_code import sparse_code
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 5, dtype=torch.float64, generator=g).requires_grad_()
+    w_enc = torch.randn(5, 12, dtype=torch.float64, generator=g).requires_grad_()
+    b_enc = torch.randn(12, dtype=torch.float64, generator=g).requires_grad_()
+    w_dec = torch.randn(12, 4, dtype=torch.float64, generator=g).requires_grad_()
+    idx = (x @ w_enc + b_enc).detach().topk(3, dim=-1).indices
+
+    def f(x, w_enc, b_enc, w_dec):
+        code = sparse_code(x, w_enc, b_enc, w_dec, idx, (x @ w_enc + b_enc).gather(1, idx))
+        return code.recon, code.vals
+
+    assert torch.autograd.gradcheck(f, (x, w_enc, b_enc, w_dec))

@@ -20,6 +20,7 @@ Works for residual, MLP-output, attention-``z``, neuron and transcoder dictionar
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from circuitgraph.attribution.targets import MetricTarget
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
-from circuitgraph.graph.influence import influence, normalised_adjacency
+from circuitgraph.graph.influence import influence_of_edges
 from circuitgraph.graph.nodes import Node
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec, site_depth
 
@@ -146,38 +147,41 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
         out_weights = [w if n.kind == "metric" else 0.0 for n, w in zip(out_nodes, out_weights, strict=True)]
 
     # --- frozen forward passes ----------------------------------------------------------------------
-    # The prompt runs as a batch of copies; copy i carries target i of a batch. The forward graph
-    # is kept and every batch of targets is one ordinary backward pass through it, seeded on the
-    # unembedding input (logit and metric targets) and on the site inputs (a feature target's
-    # gradient there is its active direction). Leaves: the embeddings and a zero offset on every
-    # site output; a feature's edge is its activation times (output gradient . decoder row).
-    site_ids = [s.id for s in sites]
+    # One frozen forward pass of the prompt is kept; every batch of targets is one vectorised
+    # backward pass through it (``is_grads_batched``: row i of the seeds carries target i),
+    # seeded on the unembedding input (logit and metric targets) and on the site inputs (a
+    # feature target's gradient there is its active direction). Leaves: the embeddings and a zero
+    # offset on every site output; a feature's edge is its activation times (output gradient .
+    # decoder row). (Running the prompt as a batch of copies instead repeats the forward work for
+    # every copy: ~1.3x slower end to end.)
     dec = {s: rm.dicts[s].decoder_directions().detach() for s in sites}  # [d_dict, d_out]
     enc = {s: rm.dicts[s].active_directions().detach() for s in sites}  # [d_in, d_dict]
     w_u = model.W_U.detach()  # [d_model, vocab]
     w_u_centred = w_u - w_u.mean(1, keepdim=True)
 
-    def frozen_graph(n: int):
-        embed_leaf = embed.expand(n, -1, -1).clone().requires_grad_(True)
-        offsets = {s: torch.zeros(n, n_pos, dec[s].shape[1], dtype=embed.dtype, requires_grad=True) for s in sites}
-        spec = SpliceSpec(latents={s: clean.sites[s].latents.expand(n, -1, -1) for s in sites},
-                          errors={s: clean.sites[s].errors.expand(n, -1, -1) for s in sites},
+    def frozen_graph():
+        embed_leaf = embed.clone().requires_grad_(True)
+        offsets = {s: torch.zeros(1, n_pos, dec[s].shape[1], dtype=embed.dtype, requires_grad=True) for s in sites}
+        spec = SpliceSpec(latents={s: clean.sites[s].latents for s in sites},
+                          errors={s: clean.sites[s].errors for s in sites},
                           embed=embed_leaf, frozen=clean.frozen, offsets=offsets)
         rm.forward_passes += 1
         with torch.enable_grad(), rm.spliced(spec) as record:
             # stop before the unembedding (a full-vocabulary product per copy is not needed):
             # targets on outputs are seeded on the final normalised residual instead
-            resid = model(tokens.expand(n, -1), stop_at_layer=model.cfg.n_layers)
+            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
             unembed_in = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
         return dict(record), unembed_in, [embed_leaf, *offsets.values()]
 
     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (sources, target keys, weights)
     visited: list[int] = []  # target keys: source index, or n_sources + output index
 
-    starts = torch.tensor([lo for lo, _ in slices])
+    starts = [lo for lo, _ in slices]
+    pos_list = [p.tolist() for p in site_pos]
+    feat_list = [f.tolist() for f in site_feat]
 
     def site_of_key(key: int) -> int:
-        return int((starts <= key).sum()) - 1
+        return bisect.bisect_right(starts, key) - 1
 
     def key_pos(key: int) -> int:
         node = out_nodes[key - n_sources] if key >= n_sources else nodes[key]
@@ -195,7 +199,7 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
             if key >= n_sources:
                 node = out_nodes[key - n_sources]
                 if seed_out is None:
-                    seed_out = torch.zeros_like(unembed_in)
+                    seed_out = unembed_in.new_zeros(n, *unembed_in.shape[1:])
                 if node.kind == "logit":
                     seed_out[i, node.pos] = w_u_centred[:, node.index]
                 else:
@@ -203,17 +207,19 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
             else:
                 si = site_of_key(key)
                 j = key - slices[si][0]
-                feat_rows.setdefault(si, []).append((i, int(site_pos[si][j]), int(site_feat[si][j])))
+                feat_rows.setdefault(si, []).append((i, pos_list[si][j], feat_list[si][j]))
         for si, entries in feat_rows.items():
             site = sites[si]
             r, p_, f_ = (torch.tensor(x) for x in zip(*entries, strict=True))
-            seeds[site] = torch.zeros_like(record[site].inputs)
+            seeds[site] = record[site].inputs.new_zeros(n, *record[site].inputs.shape[1:])
             seeds[site][r, p_] = enc[site][:, f_].T
         outs = [record[s].inputs for s in seeds] + ([unembed_in] if seed_out is not None else [])
         grad_outs = list(seeds.values()) + ([seed_out] if seed_out is not None else [])
         with torch.enable_grad():
-            grads = torch.autograd.grad(outs, leaves, grad_outputs=grad_outs, allow_unused=True, retain_graph=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+            grad_outs = [g.unsqueeze(1) for g in grad_outs]
+            grads = torch.autograd.grad(outs, leaves, grad_outputs=grad_outs, allow_unused=True, retain_graph=True,
+                                        is_grads_batched=True)
+        grads = [x.new_zeros(n, *x.shape[1:]) if g is None else g.squeeze(1) for g, x in zip(grads, leaves, strict=True)]
         row = torch.zeros(n, n_sources, dtype=embed.dtype)
         row[:, :n_pos] = (grads[0][:n] * embed[0]).sum(-1)
         for i, site in enumerate(sites):
@@ -234,34 +240,32 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     budget = min(cfg.max_feature_nodes, n_feat_end - n_pos)
     bar = tqdm(total=len(out_nodes) + budget, desc="attribution", disable=not cfg.progress, leave=False)
     out_keys = list(range(n_sources, n_all))
-    small = frozen_graph(min(len(out_nodes), cfg.batch_size))  # outputs first, in a small batch
+    frozen = frozen_graph()
+    # outputs first
     for b in range(0, len(out_keys), cfg.batch_size):
-        visit(out_keys[b : b + cfg.batch_size], small)
+        visit(out_keys[b : b + cfg.batch_size], frozen)
         bar.update(len(out_keys[b : b + cfg.batch_size]))
-    del small
     n_visited_feat = 0
     if budget > 0:
-        big = frozen_graph(min(cfg.batch_size, budget))
-        n_copies = big[1].shape[0]
+        per_batch = min(cfg.batch_size, budget)
         queue: list[int] = []
         since_update = cfg.update_interval
         done = set(visited)
         while n_visited_feat < budget:
             if since_update >= cfg.update_interval or not queue:
                 src, tgt, w = (torch.cat(x) for x in zip(*chunks, strict=True))
-                inf = influence(normalised_adjacency(src, tgt, w, n_all), out_weight_t)[n_pos:n_feat_end]
+                inf = influence_of_edges(src, tgt, w, out_weight_t)[n_pos:n_feat_end]
                 order = torch.argsort(inf, descending=True)
                 queue = [k for k in (order[inf[order] > 0] + n_pos).tolist() if k not in done]
                 since_update = 0
-            keys, queue = queue[: min(n_copies, budget - n_visited_feat)], queue[min(n_copies, budget - n_visited_feat) :]
+            keys, queue = queue[: min(per_batch, budget - n_visited_feat)], queue[min(per_batch, budget - n_visited_feat) :]
             if not keys:
                 break
-            visit(keys, big)
+            visit(keys, frozen)
             done.update(keys)
             n_visited_feat += len(keys)
             since_update += 1
             bar.update(len(keys))
-        del big
     bar.close()
 
     # --- biases: every leaf at zero --------------------------------------------------------------
@@ -272,14 +276,10 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
         zrun = rm.run(tokens, zero)
         zlog = zrun.logits[0] - zrun.logits[0].mean(-1, keepdim=True)
 
-    def zero_value(key: int) -> float:
-        if key >= n_sources:
-            node = out_nodes[key - n_sources]
-            if node.kind == "logit":
-                return float(zlog[node.pos, node.index])
-            return float((zrun.logits[0, metric.pos % n_pos] * metric.coefficients.to(zrun.logits.dtype)).sum())
-        node = nodes[key]
-        return float(zrun.sites[sites[site_ids.index(node.site)]].active_value[0, node.pos, node.index])
+    def output_zero_value(node: Node) -> float:
+        if node.kind == "logit":
+            return float(zlog[node.pos, node.index])
+        return float((zrun.logits[0, metric.pos % n_pos] * metric.coefficients.to(zrun.logits.dtype)).sum())
 
     # --- assemble: tokens, visited features, errors, outputs ---------------------------------------
     keep = torch.zeros(n_sources, dtype=torch.bool)
@@ -295,8 +295,14 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     ok = keep[src]
     n_total = kept.numel() + len(out_nodes)
     bias = torch.full((n_total,), float("nan"), dtype=embed.dtype)
-    for k in visited:
-        bias[new_index[k]] = zero_value(k)
+    visited_t = torch.tensor(visited, dtype=torch.long)
+    for si, site in enumerate(sites):  # visited features: their affine value with every leaf at zero
+        lo, hi = slices[si]
+        keys = visited_t[(visited_t >= lo) & (visited_t < hi)]
+        active_zero = zrun.sites[site].active_value[0, site_pos[si][keys - lo], site_feat[si][keys - lo]]
+        bias[new_index[keys]] = active_zero.to(bias.dtype)
+    for k in visited_t[visited_t >= n_sources].tolist():
+        bias[new_index[k]] = output_zero_value(out_nodes[k - n_sources])
     graph = Graph(
         nodes=[nodes[i] for i in kept.tolist()] + out_nodes,
         activation=torch.tensor([values[i] for i in kept.tolist()] + out_values, dtype=embed.dtype),

@@ -44,6 +44,24 @@ def influence(a_norm: torch.Tensor, output_weights: torch.Tensor, max_iter: int 
     return total.squeeze(1)
 
 
+def influence_of_edges(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                       output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
+    """:func:`influence` of :func:`normalised_adjacency` straight from an edge list without duplicate
+    (target, source) pairs: scatter-adds over the edges, no sorting, so it is cheap to recompute
+    while a graph grows."""
+    n = output_weights.shape[0]
+    w = weights.abs().double()
+    frac = w / torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)[targets].clamp(min=1e-30)
+    x = output_weights.double()
+    total = torch.zeros_like(x)
+    for _ in range(max_iter):
+        x = torch.zeros_like(x).index_add_(0, sources, frac * x[targets])
+        total += x
+        if float(x.abs().max()) <= tol:
+            break
+    return total
+
+
 def edge_influence(sources: torch.Tensor, targets: torch.Tensor, a_norm: torch.Tensor, node_influence: torch.Tensor,
                    output_weights: torch.Tensor) -> torch.Tensor:
     """``[E]`` influence carried by each edge: ``Â[t, s] * (I[t] + w[t])``."""

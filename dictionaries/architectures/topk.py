@@ -12,9 +12,9 @@ largest dead pre-activations reconstruct the residual error ``e = y - y_hat``, w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dictionaries.architectures.base import LossTerms, SparseDictionary
+from dictionaries.architectures.sparse_code import sparse_code
 from dictionaries.config import DictionaryConfig
 
 
@@ -34,9 +34,9 @@ def topk_per_batch(pre: torch.Tensor, k: int) -> torch.Tensor:
 class TopKDictionary(SparseDictionary):
     """Exactly ``k`` active latents per token (fewer when pre-activations are negative).
 
-    Training decodes sparsely: the ``k`` chosen latents of each token are decoded with
-    ``embedding_bag`` (forward and backward touch ``k`` decoder rows per token, not all of them);
-    only the encoder product is dense.
+    Training is sparse after the choice: the dense encoder product runs without autograd and
+    only picks the ``k`` latents; :func:`sparse_code` decodes them and back-propagates into
+    ``k`` encoder columns and decoder rows per token.
     """
 
     def __init__(self, cfg: DictionaryConfig, generator: torch.Generator | None = None) -> None:
@@ -49,28 +49,28 @@ class TopKDictionary(SparseDictionary):
 
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_scale: float = 1.0) -> LossTerms:
         x_s, y_s = x * self.norm_in, target * self.norm_out
-        pre = self.pre_acts(x_s)  # [N, d_dict], the one dense product
-        idx = pre.detach().topk(self.cfg.k, dim=-1, sorted=False).indices  # [N, k]
-        vals = torch.relu(pre.gather(1, idx))  # [N, k]: backward scatters into k entries per row
-        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        with torch.no_grad():  # the one dense product; it only chooses the latents
+            pre = (x_s @ self.W_enc).add_(self.b_enc)  # [N, d_dict]
+            top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # [N, k]
+        code = sparse_code(x_s, self.W_enc, self.b_enc, self.W_dec, idx, top)
+        recon = code.recon + self.b_dec
         if self.W_skip is not None:
             recon = recon + x_s @ self.W_skip
         mse = (recon - y_s).pow(2).sum(-1).mean()
-        aux = pre.new_zeros(())
+        aux = mse.new_zeros(())
         dead_idx = self.dead_mask().nonzero().squeeze(1)
         if self.training and dead_idx.numel():
             k_aux = min(self.cfg.aux_k_resolved, dead_idx.numel())
-            dead_pre = pre[:, dead_idx]  # [N, n_dead]: the top-k search runs over dead latents only
-            local = dead_pre.detach().topk(k_aux, dim=-1, sorted=False).indices
-            aux_vals = torch.relu(dead_pre.gather(1, local))
-            err_hat = F.embedding_bag(dead_idx[local], self.W_dec, per_sample_weights=aux_vals, mode="sum")
+            with torch.no_grad():  # the top-k search runs over dead latents only
+                dead_top, local = pre[:, dead_idx].topk(k_aux, dim=-1, sorted=False)
+            err_hat = sparse_code(x_s, self.W_enc, self.b_enc, self.W_dec, dead_idx[local], dead_top).recon
             aux = self.cfg.aux_coeff * (err_hat - (y_s - recon).detach()).pow(2).sum(-1).mean()
         with torch.no_grad():
-            active = vals > 0
+            active = code.vals > 0
             fired = torch.zeros(self.cfg.d_dict, dtype=torch.bool, device=idx.device)
             fired[idx[active]] = True
             l0 = active.sum(-1).float().mean()
-        return LossTerms(mse + aux, mse, pre.new_zeros(()), aux, l0, fired)
+        return LossTerms(mse + aux, mse, mse.new_zeros(()), aux, l0, fired)
 
 
 class BatchTopKDictionary(SparseDictionary):

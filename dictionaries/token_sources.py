@@ -71,20 +71,36 @@ def text_file_tokens(path: str | Path, model, seq_len: int = 128) -> TensorToken
 
 
 def hf_dataset_tokens(name: str, model, seq_len: int = 128, n_sequences: int = 20_000,
-                      split: str = "train", column: str = "text") -> TensorTokens:  # pragma: no cover - needs internet
-    """Tokenise the start of a Hugging Face dataset (streamed; needs internet)."""
+                      split: str = "train", column: str = "text") -> TensorTokens:
+    """Tokenise the start of a Hugging Face dataset, streamed: a hub name (needs internet) or a
+    local folder of data files (json / jsonl / csv / parquet / text). Examples are tokenised one
+    by one and concatenated; each sequence is BOS + ``seq_len - 1`` tokens of that stream."""
     import datasets
 
-    stream = datasets.load_dataset(name, split=split, streaming=True)
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; give tokens as a tensor file instead")
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        first = next(iter(stream), None)
+    except (OSError, ValueError) as err:  # not found, offline, no data files
+        raise ValueError(f"could not open the Hugging Face dataset {name!r} (split {split!r}): "
+                         f"{str(err).splitlines()[0]}. Give a hub name (online) or a local folder of data files") from err
+    if first is None:
+        raise ValueError(f"the Hugging Face dataset {name!r} (split {split!r}) is empty")
+    if column not in first:
+        raise ValueError(f"the Hugging Face dataset {name!r} has no column {column!r}; its columns are "
+                         f"{', '.join(first)} (choose one with --hf-column)")
     bos = model.tokenizer.bos_token_id
     body, rows, buf = seq_len - 1, [], []
     for example in stream:
         buf.extend(model.to_tokens(example[column], prepend_bos=False, truncate=False)[0].tolist())
-        while len(buf) >= body:
+        while len(buf) >= body and len(rows) < n_sequences:
             rows.append([bos] + buf[:body])
             buf = buf[body:]
         if len(rows) >= n_sequences:
             break
+    if not rows:
+        raise ValueError(f"the Hugging Face dataset {name!r} holds fewer tokens than one sequence of {seq_len}")
     return TensorTokens(torch.tensor(rows, dtype=torch.long))
 
 

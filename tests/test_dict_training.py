@@ -127,6 +127,42 @@ def test_cli_bad_input(tmp_path, args, message) -> None:
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def _local_hf_dataset(folder, n_docs: int = 40) -> list[str]:
+    """A Hugging Face dataset as a local folder of JSON lines (``datasets.load_dataset(folder)``)."""
+    texts = ToyCorpus(CorpusConfig(seed=3, seq_len=64)).texts(n_docs)
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return texts
+
+
+def test_hf_dataset_source_streams_tokenised_examples(default_model, tmp_path) -> None:
+    from dictionaries.token_sources import hf_dataset_tokens
+
+    texts = _local_hf_dataset(tmp_path / "ds")
+    src = hf_dataset_tokens(str(tmp_path / "ds"), default_model, seq_len=16, n_sequences=5)
+    stream = [t for text in texts for t in default_model.to_tokens(text, prepend_bos=False)[0].tolist()]
+    seqs = src.sequences(0, 5)
+    assert seqs.shape == (5, 16)
+    assert (seqs[:, 0] == default_model.tokenizer.bos_token_id).all()
+    assert seqs[:, 1:].reshape(-1).tolist() == stream[: 5 * 15]
+    with pytest.raises(ValueError, match="no column 'body'.*text, id"):
+        hf_dataset_tokens(str(tmp_path / "ds"), default_model, column="body")
+    with pytest.raises(ValueError, match="could not open the Hugging Face dataset"):
+        hf_dataset_tokens("no-such-user/no-such-dataset", default_model)  # HF_HUB_OFFLINE=1: fails fast
+
+
+def test_cli_trains_on_a_hf_dataset(tmp_path) -> None:
+    _local_hf_dataset(tmp_path / "ds", n_docs=200)
+    out = run_cli("train-dictionaries", "--sites", "resid_post", "--layers", "1", "--k", "8", "--expansion", "2",
+                  "--tokens", "4096", "--batch-tokens", "1024", "--hf-dataset", str(tmp_path / "ds"),
+                  "--seq-len", "32", "--out", str(tmp_path / "dicts"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["dictionaries"] == 1
+    bad = run_cli("train-dictionaries", "--sites", "resid_post", "--layers", "1", "--tokens", "4096",
+                  "--hf-dataset", str(tmp_path / "ds"), "--hf-column", "body", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "no column 'body'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_dimension_mismatch_on_load(default_model, tmp_path) -> None:
     from dictionaries.persistence import check_against_model
 

@@ -40,6 +40,21 @@ def test_dataset_alignment(default_model, name: str) -> None:
     assert clean.mean() > corrupt.mean()
 
 
+def test_induction_corruption_is_a_minimal_pair(default_model) -> None:
+    """The corrupted induction prompt differs in one token, the answer's first occurrence, which
+    becomes the wrong answer; the model then predicts the wrong answer by the same induction."""
+    from circuitgraph.tasks.evaluate import answer_logits
+
+    ds = make_dataset("induction", default_model, n=32, seed=2)
+    diff = ds.clean_tokens != ds.corrupted_tokens
+    assert diff.sum(1).eq(1).all()
+    rows, cols = diff.nonzero(as_tuple=True)
+    assert ds.clean_tokens[rows, cols].equal(ds.answer_ids[:, 0])
+    assert ds.corrupted_tokens[rows, cols].equal(ds.wrong_ids[:, 0])
+    corrupt = M.task_metric(answer_logits(default_model, ds.corrupted_tokens, ds.answer_pos), ds)
+    assert (corrupt < 0).float().mean() >= 0.9
+
+
 def test_datasets_are_deterministic(default_model) -> None:
     a = make_dataset("ioi", default_model, n=8, seed=5)
     b = make_dataset("ioi", default_model, n=8, seed=5)

@@ -15,7 +15,13 @@ from dictionaries.errors import DictionaryError
 from dictionaries.metrics import evaluate_dictionaries, mmcs
 from dictionaries.persistence import check_against_model, load_dictionaries
 from dictionaries.site import expand_sites
-from dictionaries.token_sources import ModelSampledTokens, TokenSource, tensor_file_tokens, text_file_tokens
+from dictionaries.token_sources import (
+    ModelSampledTokens,
+    TokenSource,
+    hf_dataset_tokens,
+    tensor_file_tokens,
+    text_file_tokens,
+)
 from dictionaries.training import TrainConfig, train_dictionaries
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--text", default=None, help="train on this UTF-8 text file instead of the default corpus")
     p.add_argument("--tokens-file", default=None, help="train on a safetensors file holding tokens [n_seq, seq_len]")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length for --text and the toy corpus")
+    p.add_argument("--hf-dataset", default=None,
+                   help="train on a Hugging Face dataset, streamed: a hub name (online) or a local folder of data files")
+    p.add_argument("--hf-split", default="train", help="split of --hf-dataset")
+    p.add_argument("--hf-column", default="text", help="text column of --hf-dataset")
+    p.add_argument("--hf-sequences", type=int, default=20_000, help="sequences taken from the start of --hf-dataset")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length for --text, --hf-dataset and the toy corpus")
     p.add_argument("--device", default="cpu")
     add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=run_train)
@@ -73,6 +84,9 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
             return tensor_file_tokens(args.tokens_file)
         if args.text:
             return text_file_tokens(args.text, model, seq_len=args.seq_len)
+        if getattr(args, "hf_dataset", None):
+            return hf_dataset_tokens(args.hf_dataset, model, seq_len=args.seq_len, n_sequences=args.hf_sequences,
+                                     split=args.hf_split, column=args.hf_column)
     except ValueError as err:
         raise DictionaryError(str(err)) from err
     if model.cfg.model_name != "circuitgraph-toy":

@@ -116,14 +116,27 @@ def random_span(rng: random.Random, length: int) -> list[str]:
     return [" " + w for w in rng.choices(vocab, k=length)]
 
 
-def induction(rng: random.Random, span_len: int = 10) -> TaskInstance:
-    """Induction: a random span, then its repetition cut at a random point."""
+def induction(rng: random.Random, span_len: int = 10, corrupt: str = "answer") -> TaskInstance:
+    """Induction: a random span, then its repetition cut at a random point.
+
+    The answer is the word that followed the current word in the first occurrence; the wrong
+    answer is another random word. ``corrupt="answer"`` (a minimal pair, like the other tasks):
+    the corrupted prompt has the wrong word in the answer's place in the first occurrence, so it
+    predicts the wrong word by the same mechanism. ``corrupt="span"``: the whole first occurrence
+    is replaced by other random words (everything before the repetition changes).
+    """
     span = random_span(rng, span_len)
     other = random_span(rng, span_len)
     cut = rng.randint(1, span_len - 1)  # predict span[cut] from span[:cut] repeated
     prompt = "".join(span) + "".join(span[:cut])
-    corrupted = "".join(other) + "".join(span[:cut])
     wrong = other[cut] if other[cut] != span[cut] else other[cut - 1]
+    if corrupt == "span":
+        first = other
+    elif corrupt == "answer":
+        first = span[:cut] + [wrong] + span[cut + 1 :]
+    else:
+        raise ValueError(f"corrupt must be 'answer' or 'span', got {corrupt!r}")
+    corrupted = "".join(first) + "".join(span[:cut])
     return TaskInstance(prompt, (span[cut],), (wrong,), corrupted, "".join(span[cut:]))
 
 

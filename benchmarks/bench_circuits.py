@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-feature-nodes", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.002)
+    ap.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
+                    help="feature nodes aggregated over positions, or one per offset from the answer position")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default()
@@ -41,7 +43,8 @@ def main() -> None:
     for task in args.tasks.split(","):
         ds = make_dataset(task, model, n=args.n, seed=0)
         for method in args.methods.split(","):
-            res = trace_dataset(rm, ds, CircuitConfig(method, args.max_feature_nodes, tau=args.tau, progress=False))
+            res = trace_dataset(rm, ds, CircuitConfig(method, args.max_feature_nodes, tau=args.tau, progress=False,
+                                                          positions=args.positions))
             m = res.graph.metadata
             passes = m.get("acdc_forward_passes", m["forward_passes"])
             plain = m.get("plain_acdc_forward_passes", "")

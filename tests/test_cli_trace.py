@@ -55,6 +55,26 @@ def test_trace_smallest_faithful_circuit(tmp_path, capsys):
     assert below and all(tried[k] < 0.8 for k in below if k >= chosen * 0.9)
 
 
+def test_trace_position_resolved_dataset_circuit(tmp_path, capsys):
+    """--positions from_end: feature nodes are (feature, offset from the answer); ids end in @-k,
+    queries accept them, ACDC and the graph's metric edges work on them."""
+    out = tmp_path / "p"
+    s = _json(capsys, ["trace", "--task", "ioi", "--n", "8", "--positions", "from_end", "--max-feature-nodes", "40",
+                       "--describe-seqs", "0", "--out", str(out), "--json"])
+    g = Graph.load(out)
+    feats = [n for n in g.nodes if n.kind == "feature"]
+    assert len(feats) == 40 and all(n.pos is not None and n.pos <= -1 for n in feats)
+    assert g.metadata["positions"] == "from_end" and 0 < s["faithfulness"] <= 1.2
+    top = _json(capsys, ["query", str(out), "--upstream", "metric:logit_diff", "--top-k", "3", "--json"])
+    assert all("@-" in r["node"] or "#err" in r["node"] for r in top)
+    feature_id = next(r["node"] for r in top if "@-" in r["node"])
+    assert _json(capsys, ["query", str(out), "--downstream", feature_id, "--json"])
+    acdc = _json(capsys, ["trace", "--task", "ioi", "--n", "8", "--positions", "from_end", "--method", "acdc",
+                          "--describe-seqs", "0", "--out", str(tmp_path / "a"), "--json"])
+    assert acdc["forward_passes"] > 0 and all(
+        n.pos is not None for n in Graph.load(tmp_path / "a").nodes if n.kind == "feature")
+
+
 def test_trace_prompt_and_components(tmp_path, capsys):
     s = _json(capsys, ["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
                        "--max-feature-nodes", "64", "--out", str(tmp_path / "p"), "--json"])

@@ -62,3 +62,67 @@ def test_acdc_uses_far_fewer_passes_and_stays_faithful(rm, default_model):
     meta = res.graph.metadata
     assert meta["acdc_forward_passes"] * 4 < meta["plain_acdc_forward_passes"]
     assert res.scores.faithfulness >= 0.8, res.scores
+
+
+def test_position_resolved_scores_and_edges_partition_the_aggregated_ones(rm, default_model):
+    """One node per feature and offset from the answer: summed over offsets, node scores and edge
+    scores equal the position-aggregated ones exactly (the same products, partitioned)."""
+    from circuitgraph.attribution.dataset import NodeRef, score_edges
+
+    ds = make_dataset("ioi", default_model, n=8, seed=3)
+    agg = score_nodes(rm, ds, DatasetAttributionConfig(progress=False))
+    pos = score_nodes(rm, ds, DatasetAttributionConfig(positions="from_end", progress=False))
+    assert pos.n_offsets == ds.clean_tokens.shape[1]
+    for s in rm.sites:
+        d = rm.dicts[s].cfg.d_dict
+        torch.testing.assert_close(pos.features[s].view(-1, d).sum(0), agg.features[s], rtol=1e-6, atol=1e-7)
+    # two upstream and two downstream features, every offset of each as its own node
+    up, down = rm.sites[1], rm.sites[4]
+    feats = {s: agg.features[s].abs().topk(2).indices.tolist() for s in (up, down)}
+    agg_nodes = [NodeRef(s, f) for s in (up, down) for f in feats[s]]
+    n_off = pos.n_offsets
+    pos_nodes = [NodeRef(s, o * rm.dicts[s].cfg.d_dict + f) for s in (up, down) for f in feats[s] for o in range(n_off)]
+    cfg = DatasetAttributionConfig(progress=False)
+    e_agg, m_agg = score_edges(rm, ds, agg_nodes, agg, cfg)
+    e_pos, m_pos = score_edges(rm, ds, pos_nodes, pos, cfg)
+    group = torch.arange(len(pos_nodes)) // n_off  # pos_nodes[i] belongs to agg_nodes[group[i]]
+    fold = torch.zeros(len(agg_nodes), len(pos_nodes), dtype=torch.float64)
+    fold[group, torch.arange(len(pos_nodes))] = 1
+    torch.testing.assert_close(fold @ m_pos, m_agg, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(fold @ e_pos @ fold.T, e_agg, rtol=1e-6, atol=1e-8)
+    assert e_agg[2:, :2].abs().sum() > 0  # the compared edges are not all zero
+
+
+def test_position_resolved_ablation_patches_only_its_position(rm, default_model):
+    from circuitgraph.attribution.dataset import metric_of
+    from circuitgraph.replacement.model import SpliceSpec
+
+    ds = make_dataset("ioi", default_model, n=8, seed=4)
+    ab = Ablator(rm, ds, "patch")
+    site = rm.sites[5]
+    d = rm.dicts[site].cfg.d_dict
+    rows = torch.arange(len(ds))
+    clean_lat = rm.run(ds.clean_tokens).sites[site].latents
+    corr_lat = rm.run(ds.corrupted_tokens).sites[site].latents
+    change = (clean_lat - corr_lat).abs()  # [n, P, d]
+    at_answer = change[rows, ds.answer_pos].sum(0)
+    f = int(at_answer.argmax())  # the feature that changes most at the answer position
+    n_off = ds.clean_tokens.shape[1]
+    nodes = NodeSet.empty(rm, n_off)
+    nodes.features[site][0 * d + f] = True  # offset 0: the answer position only
+
+    def edit(s, lat):
+        if s != site:
+            return lat
+        lat = lat.clone()
+        lat[rows, ds.answer_pos, f] = corr_lat[rows, ds.answer_pos, f]
+        return lat
+
+    with torch.no_grad():
+        errors = {s: r.errors for s, r in rm.run(ds.clean_tokens).sites.items()}
+        expected = float(metric_of(rm.run(ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits, ds).mean())
+    assert abs(ab.metric(nodes) - expected) < 1e-5
+    assert abs(ab.metric(nodes) - ab.metric(NodeSet.empty(rm))) > 1e-3  # the patch had an effect
+    later = NodeSet.empty(rm, n_off)
+    later.features[site][3 * d + f] = True  # the same feature 3 tokens earlier: another node
+    assert abs(ab.metric(later) - ab.metric(nodes)) > 1e-4

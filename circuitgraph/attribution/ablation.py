@@ -1,7 +1,9 @@
 """Running the replacement model with sets of nodes ablated: faithfulness and completeness.
 
-A node set is given per site as a ``[d_dict]`` bool mask of ablated features plus the set of sites
-whose error node is ablated (position-aggregated nodes: ablated at every position). Ablation
+A node set is given per site as a bool mask of ablated features plus the set of sites whose error
+node is ablated (at every position). A ``[d_dict]`` mask holds position-aggregated nodes (ablated
+at every position); a ``[n_offsets * d_dict]`` mask holds one node per feature and position counted
+back from the answer position (``DatasetAttributionConfig.positions == "from_end"``). Ablation
 replaces a latent / error by
 
 * ``patch``: its value on the corrupted prompt (ACDC's convention),
@@ -22,7 +24,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from circuitgraph.attribution.dataset import batches, metric_of, position_mask
+from circuitgraph.attribution.dataset import batches, metric_of, position_mask, position_offsets
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
@@ -37,16 +39,17 @@ class NodeSet:
     """Ablated (or kept) nodes: per-site feature masks and a set of error sites."""
 
     features: dict[Site, torch.Tensor]
-    """``[d_dict]`` bool per site."""
+    """``[n_offsets * d_dict]`` bool per site (``n_offsets`` 1: aggregated over positions)."""
     errors: set[Site]
 
     @classmethod
-    def empty(cls, rm: ReplacementModel) -> NodeSet:
-        return cls({s: torch.zeros(d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()}, set())
+    def empty(cls, rm: ReplacementModel, n_offsets: int = 1) -> NodeSet:
+        return cls({s: torch.zeros(n_offsets * d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()}, set())
 
     @classmethod
-    def full(cls, rm: ReplacementModel) -> NodeSet:
-        return cls({s: torch.ones(d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()}, set(rm.dicts))
+    def full(cls, rm: ReplacementModel, n_offsets: int = 1) -> NodeSet:
+        return cls({s: torch.ones(n_offsets * d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()},
+                   set(rm.dicts))
 
     def complement(self, rm: ReplacementModel) -> NodeSet:
         return NodeSet({s: ~m for s, m in self.features.items()}, set(rm.dicts) - self.errors)
@@ -60,6 +63,7 @@ class NodeSet:
 
 class _Batch(NamedTuple):
     ds: TaskDataset
+    offset: torch.Tensor  # [B, P] positions counted back from the answer
     clean_errors: dict[Site, torch.Tensor]
     corr_latents: dict[Site, torch.Tensor]
     corr_errors: dict[Site, torch.Tensor]
@@ -85,7 +89,8 @@ class Ablator:
                 for s in rm.dicts:
                     sums_l[s] += (clean.sites[s].latents * mask).sum((0, 1))
                     sums_e[s] += (clean.sites[s].errors * mask).sum((0, 1))
-                self.parts.append(_Batch(b, {s: r.errors for s, r in clean.sites.items()},
+                self.parts.append(_Batch(b, position_offsets(b, b.clean_tokens.shape[1]),
+                                         {s: r.errors for s, r in clean.sites.items()},
                                          {s: r.latents for s, r in corr.sites.items()},
                                          {s: r.errors for s, r in corr.sites.items()}))
         count = sum_float(count)  # under torchrun: this rank's shard, summed over ranks
@@ -113,6 +118,8 @@ class Ablator:
                 m = ablated.features.get(site)
                 if m is None or not bool(m.any()):
                     return lat
+                if m.numel() != lat.shape[-1]:  # one node per feature and offset: [B, P, d_dict] mask
+                    m = m.view(-1, lat.shape[-1])[part.offset.clamp(max=m.numel() // lat.shape[-1] - 1)]
                 return torch.where(m, self._replacement(part, site, "latents", lat), lat)
 
             logits = self.rm.run(part.ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits
@@ -135,7 +142,7 @@ def circuit_scores(ablator: Ablator, circuit: NodeSet) -> CircuitScores:
     """Four ablation runs: full model, everything ablated, only the circuit kept, the circuit removed."""
     rm = ablator.rm
     full = ablator.metric(NodeSet.empty(rm))
-    empty = ablator.metric(NodeSet.full(rm))
+    empty = ablator.metric(NodeSet.full(rm))  # aggregated masks: every node at every position
     kept = ablator.metric(circuit.complement(rm))
     removed = ablator.metric(circuit)
     span = full - empty

@@ -61,7 +61,7 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, tau: float = 0.01, max_feat
     threshold = tau * abs(full - empty)
     skip_below = skip_fraction * threshold
     keep_above = keep_factor * threshold
-    ablated = NodeSet.empty(rm)
+    ablated = NodeSet.empty(rm, scores.n_offsets)
     candidates: list[tuple[float, float, object, int | None]] = []  # (-depth, |score|, site, index)
     n_nodes = 0
     skipped = kept = 0

@@ -11,13 +11,21 @@ from tqdm.auto import tqdm
 
 from circuitgraph.attribution.ablation import AblationKind, Ablator, CircuitScores, NodeSet, circuit_scores
 from circuitgraph.attribution.acdc import acdc_nodes
-from circuitgraph.attribution.dataset import DatasetAttributionConfig, NodeRef, NodeScores, score_edges, score_nodes
+from circuitgraph.attribution.dataset import (
+    DatasetAttributionConfig,
+    NodeRef,
+    NodeScores,
+    Positions,
+    by_offset,
+    score_edges,
+    score_nodes,
+)
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.replacement.model import ReplacementModel, site_depth
 from circuitgraph.tasks.dataset import TaskDataset
-from dictionaries.distributed import sum_across_ranks, sum_float, world
+from dictionaries.distributed import sum_across_ranks, world
 
 TraceMethod = Literal["attribution", "ig", "acdc"]
 
@@ -43,10 +51,16 @@ class CircuitConfig:
     target_faithfulness: float = 0.0
     """If > 0 (attribution, ig): the circuit is the smallest top-score set reaching this
     faithfulness (searched up to ``max_feature_nodes``) instead of exactly ``max_feature_nodes``."""
+    positions: Positions = "aggregate"
+    """``aggregate``: a feature is one node at every position; ``from_end``: a feature at each
+    position counted back from the answer position is its own node (ids ``...#f@-1`` for the
+    answer position, ``@-2`` before it, ...), ablated only there."""
 
     def __post_init__(self) -> None:
         if self.target_faithfulness and self.method == "acdc":
             raise ValueError("target_faithfulness applies to attribution and ig; ACDC sets its size with tau")
+        if self.positions not in ("aggregate", "from_end"):
+            raise ValueError(f"positions must be 'aggregate' or 'from_end', got {self.positions!r}")
         if self.method not in ("attribution", "ig", "acdc"):
             raise ValueError(f"method must be attribution, ig or acdc, got {self.method!r}")
         if self.max_feature_nodes < 1:
@@ -136,8 +150,12 @@ def build_graph(rm: ReplacementModel, ds: TaskDataset, circuit: NodeSet, scores:
     act, node_scores = [], []
     mean_act = _mean_activations(rm, scores)
     for r in refs:
-        kind = "error" if r.index is None else "feature"
-        nodes.append(Node(kind, site_depth(r.site), r.site.id, r.index))
+        if r.index is None:
+            nodes.append(Node("error", site_depth(r.site), r.site.id))
+        else:
+            offset, feature = divmod(r.index, rm.dicts[r.site].cfg.d_dict)
+            pos = -(offset + 1) if scores.n_offsets > 1 else None  # -1: the answer position
+            nodes.append(Node("feature", site_depth(r.site), r.site.id, feature, pos))
         node_scores.append(float(scores.errors[r.site] if r.index is None else scores.features[r.site][r.index]))
         act.append(float(mean_act[r.site][r.index]) if r.index is not None else 0.0)
     nodes.append(Node("metric", float(rm.model.cfg.n_layers), name=metric_name))
@@ -156,15 +174,17 @@ def build_graph(rm: ReplacementModel, ds: TaskDataset, circuit: NodeSet, scores:
 
 
 def _mean_activations(rm: ReplacementModel, scores: NodeScores) -> dict:
-    total = {s: torch.zeros(rm.dicts[s].cfg.d_dict) for s in rm.sites}
-    count = 0.0
+    """Mean clean activation of every feature node over the counted positions (per offset)."""
+    n_off = scores.n_offsets
+    total = {s: torch.zeros(n_off * rm.dicts[s].cfg.d_dict) for s in rm.sites}
+    count = torch.zeros(n_off)
     for v in scores.values:
         m = v.mask.unsqueeze(-1)
-        count += float(v.mask.sum())
+        count += by_offset(m, v.offset, n_off)
         for s in rm.sites:
-            total[s] += (v.clean_latents[s] * m).sum((0, 1))
-    count = sum_float(count)
-    return {s: sum_across_ranks(t) / max(count, 1.0) for s, t in total.items()}
+            total[s] += by_offset(v.clean_latents[s] * m, v.offset, n_off)
+    count = sum_across_ranks(count).clamp(min=1.0)
+    return {s: (sum_across_ranks(t).view(n_off, -1) / count.unsqueeze(1)).reshape(-1) for s, t in total.items()}
 
 
 def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | None = None) -> TraceResult:
@@ -177,7 +197,7 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
         ds = ds.subset(torch.arange(rank, len(ds), size))
     passes0 = rm.forward_passes
     acfg = DatasetAttributionConfig("ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size,
-                                    progress=cfg.progress)
+                                    positions=cfg.positions, progress=cfg.progress)
     scores = score_nodes(rm, ds, acfg)
     ablator = Ablator(rm, ds, cfg.ablation, cfg.batch_size)
     extra: dict = {}
@@ -200,6 +220,7 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
         "method": cfg.method, "task": ds.name, "n_prompts": len(full_ds), "prompts": full_ds.prompts[:16],
         "world_size": size,
         "sites": [s.id for s in rm.sites], "ablation": cfg.ablation, "max_feature_nodes": cfg.max_feature_nodes,
+        "positions": cfg.positions,
         "n_feature_nodes": circuit.n_features(), "n_error_nodes": len(circuit.errors),
         "faithfulness": cs.faithfulness, "completeness": cs.completeness, "metric_full": cs.metric_full,
         "metric_empty": cs.metric_empty, "metric_circuit": cs.metric_circuit,

@@ -1,8 +1,13 @@
 """Dataset attribution between clean and corrupted prompts ("Sparse Feature Circuits", Marks et al.).
 
-Nodes are dictionary features and error terms, aggregated over positions (a feature is one node
-for the whole dataset). Error terms are treated as nodes with given values (their clean values
-unless ablated), so gradients flow through the downstream dictionaries' encoders.
+Nodes are dictionary features and error terms. With ``positions="aggregate"`` (the default) a
+feature is one node for the whole dataset, summed over positions; with ``positions="from_end"`` a
+feature at each position counted back from the answer position is its own node (``@-1`` is the
+answer position, ``@-2`` the token before it, ...), which aligns prompts of different lengths at
+their end, as templated tasks are. Feature ``f`` at offset ``r`` (0 = the answer position) has the
+flat index ``r * d_dict + f`` in the per-site score and mask vectors. Error terms stay one node per
+site. Error terms are treated as nodes with given values (their clean values unless ablated), so
+gradients flow through the downstream dictionaries' encoders.
 
 Node scores (the estimated effect of the node on the metric when it goes from corrupted to clean):
 
@@ -39,6 +44,7 @@ from dictionaries.site import Site
 log = logging.getLogger(__name__)
 
 Method = Literal["attribution", "ig"]
+Positions = Literal["aggregate", "from_end"]
 
 
 @dataclass
@@ -53,12 +59,17 @@ class DatasetAttributionConfig:
     """Prompts per forward pass."""
     reduce: Literal["sum", "mean"] = "mean"
     """How scores combine over prompts."""
+    positions: Positions = "aggregate"
+    """``aggregate``: one node per feature (summed over positions); ``from_end``: one node per feature
+    and position counted back from the answer position (see the module docstring)."""
     progress: bool = True
     """Show tqdm bars."""
 
     def __post_init__(self) -> None:
         if self.method not in ("attribution", "ig"):
             raise ValueError(f"method must be 'attribution' or 'ig', got {self.method!r}")
+        if self.positions not in ("aggregate", "from_end"):
+            raise ValueError(f"positions must be 'aggregate' or 'from_end', got {self.positions!r}")
         if self.ig_steps < 1 or self.batch_size < 1:
             raise ValueError("ig_steps and batch_size must be at least 1")
 
@@ -72,13 +83,17 @@ class SiteValues(NamedTuple):
     corr_errors: dict[Site, torch.Tensor]
     mask: torch.Tensor
     """``[B, P]`` float: 1 at positions 1..answer_pos (where nodes are counted)."""
+    offset: torch.Tensor
+    """``[B, P]`` int64: positions counted back from the answer position (0 there; clamped at 0
+    after it, where nothing reaches the metric)."""
 
 
 class NodeScores(NamedTuple):
     """What :func:`score_nodes` returns."""
 
     features: dict[Site, torch.Tensor]
-    """``[d_dict]`` score of every feature at every site."""
+    """``[n_offsets * d_dict]`` score of every feature node at every site (``n_offsets`` is 1 when
+    positions are aggregated)."""
     errors: dict[Site, torch.Tensor]
     """``[]`` score of every site's error node."""
     grads: list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]
@@ -87,6 +102,8 @@ class NodeScores(NamedTuple):
     """Per batch: the clean / corrupted values."""
     metric_clean: float
     metric_corrupt: float
+    n_offsets: int = 1
+    """Positions per feature: 1 (aggregated) or the padded prompt length (``from_end``)."""
 
 
 def position_mask(ds: TaskDataset, n_pos: int) -> torch.Tensor:
@@ -114,7 +131,22 @@ def site_values(rm: ReplacementModel, b: TaskDataset) -> SiteValues:
         {s: r.latents for s, r in clean.sites.items()}, {s: r.latents for s, r in corr.sites.items()},
         {s: r.errors for s, r in clean.sites.items()}, {s: r.errors for s, r in corr.sites.items()},
         position_mask(b, b.clean_tokens.shape[1]),
+        position_offsets(b, b.clean_tokens.shape[1]),
     )
+
+
+def position_offsets(ds: TaskDataset, n_pos: int) -> torch.Tensor:
+    """``[n, P]`` each position counted back from the prompt's answer position (clamped at 0)."""
+    return (ds.answer_pos.unsqueeze(1) - torch.arange(n_pos)).clamp(min=0)
+
+
+def by_offset(x: torch.Tensor, offset: torch.Tensor, n_offsets: int) -> torch.Tensor:
+    """``[B, P, d]`` summed into ``[n_offsets * d]`` by each position's offset (``n_offsets == 1``:
+    summed over every position)."""
+    if n_offsets == 1:
+        return x.sum((0, 1))
+    out = x.new_zeros(n_offsets, x.shape[-1]).index_add_(0, offset.reshape(-1), x.reshape(-1, x.shape[-1]))
+    return out.reshape(-1)
 
 
 def _edit_adding(deltas: dict[Site, torch.Tensor]):
@@ -144,7 +176,8 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
     if len(ds) == 0:
         raise CircuitGraphError("the prompt dataset is empty")
     sites = rm.sites
-    feat = {s: torch.zeros(rm.dicts[s].cfg.d_dict, dtype=torch.float64) for s in sites}
+    n_off = ds.clean_tokens.shape[1] if cfg.positions == "from_end" else 1
+    feat = {s: torch.zeros(n_off * rm.dicts[s].cfg.d_dict, dtype=torch.float64) for s in sites}
     errs = {s: torch.zeros((), dtype=torch.float64) for s in sites}
     grads, values = [], []
     m_clean = m_corr = 0.0
@@ -171,7 +204,7 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
         for s in sites:
             d_lat = (v.clean_latents[s] - v.corr_latents[s]) * mask
             d_err = (v.clean_errors[s] - v.corr_errors[s]) * mask
-            feat[s] += (d_lat * g_lat[s]).sum((0, 1)).double()
+            feat[s] += by_offset(d_lat * g_lat[s], v.offset, n_off).double()
             errs[s] += (d_err * g_err[s]).sum().double()
         grads.append((g_lat, g_err))
         values.append(v)
@@ -182,11 +215,12 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
     m_clean, m_corr = sum_float(m_clean), sum_float(m_corr)
     div = n_total if cfg.reduce == "mean" else 1
     return NodeScores({s: t / div for s, t in feat.items()}, {s: t / div for s, t in errs.items()}, grads, values,
-                      m_clean / n_total, m_corr / n_total)
+                      m_clean / n_total, m_corr / n_total, n_off)
 
 
 class NodeRef(NamedTuple):
-    """A position-aggregated node: ``index`` is the feature, or ``None`` for the site's error."""
+    """A dataset node: ``index`` is the feature's flat index (``offset * d_dict + feature``; the
+    feature itself when positions are aggregated), or ``None`` for the site's error."""
 
     site: Site
     index: int | None
@@ -217,14 +251,17 @@ def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], sco
             outs = [m]
             for i in targets:
                 r = nodes[i]
-                active = (v.clean_latents[r.site][..., r.index] > 0).float() * v.mask
-                outs.append((run.sites[r.site].active_value[..., r.index] * active * g_lat[r.site][..., r.index]).sum())
+                off, f = divmod(r.index, rm.dicts[r.site].cfg.d_dict)
+                active = (v.clean_latents[r.site][..., f] > 0).float() * v.mask
+                if scores.n_offsets > 1:
+                    active = active * (v.offset == off)
+                outs.append((run.sites[r.site].active_value[..., f] * active * g_lat[r.site][..., f]).sum())
             leaves = [*lat_leaf.values(), *err_leaf.values()]
             rows = []
             for out in outs:  # one ordinary backward per target: faster than a vmap'd batched backward here
                 g = torch.autograd.grad(out, leaves, retain_graph=True, allow_unused=True)
                 g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, leaves, strict=True)]
-                rows.append(_per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v))
+                rows.append(_per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v, scores.n_offsets))
         block = torch.cat(rows)  # [1 + len(targets), n]
         metric_edges += block[0]
         edges[targets] += block[1:]
@@ -233,7 +270,8 @@ def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], sco
     return edges / div, metric_edges / div
 
 
-def _per_node(g: list[torch.Tensor], nodes: list[NodeRef], sites: list[Site], v: SiteValues) -> torch.Tensor:
+def _per_node(g: list[torch.Tensor], nodes: list[NodeRef], sites: list[Site], v: SiteValues,
+              n_offsets: int = 1) -> torch.Tensor:
     """``[R, n]``: gradient rows times (clean - corrupted) values, summed over prompts and positions
     (one product per site, not one per node: this runs once per edge target)."""
     k = len(sites)
@@ -242,8 +280,12 @@ def _per_node(g: list[torch.Tensor], nodes: list[NodeRef], sites: list[Site], v:
     for i, site in enumerate(sites):
         cols = [j for j, r in enumerate(nodes) if r.site == site and r.index is not None]
         if cols:
-            feats = torch.tensor([nodes[j].index for j in cols])
+            d_dict = v.clean_latents[site].shape[-1]
+            flat = torch.tensor([nodes[j].index for j in cols])
+            feats = flat % d_dict
             delta = (v.clean_latents[site][..., feats] - v.corr_latents[site][..., feats]) * mask  # [B, P, F]
+            if n_offsets > 1:  # each node counts only at its own offset from the answer
+                delta = delta * (v.offset.unsqueeze(-1) == torch.div(flat, d_dict, rounding_mode="floor"))
             out[:, cols] = (g[i][..., feats] * delta).sum((1, 2)).double()
         err_cols = [j for j, r in enumerate(nodes) if r.site == site and r.index is None]
         if err_cols:

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-faithfulness", type=float, default=0.0,
                    help="attribution/ig: the smallest circuit (up to --max-feature-nodes) reaching this faithfulness")
     p.add_argument("--max-edges", type=int, default=100, help="component circuits: edges kept by attribution / ig")
+    p.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
+                   help="dataset feature nodes: one per feature (aggregate) or one per feature and position counted "
+                        "back from the answer (from_end; ids ...#f@-1 at the answer position)")
     p.add_argument("--ablation", default="patch", choices=["patch", "mean", "zero"], help="how nodes outside the circuit are ablated")
     p.add_argument("--tau", type=float, default=0.002, help="ACDC threshold (fraction of the full-vs-empty metric gap)")
     p.add_argument("--ig-steps", type=int, default=8)
@@ -120,7 +123,7 @@ def run_trace(args: argparse.Namespace) -> int:
             try:
                 cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau,
                                     args.batch_size, progress=distributed.is_main(),
-                                    target_faithfulness=args.target_faithfulness)
+                                    target_faithfulness=args.target_faithfulness, positions=args.positions)
             except ValueError as err:
                 raise CircuitGraphError(f"{err}; check --method / --target-faithfulness") from err
             graph = trace_dataset(rm, ds, cfg).graph

@@ -12,7 +12,9 @@ component   ``L1.head2@5`` / ``L1.mlp@5``  an attention head's or MLP's output (
 supernode   ``super:name``                 a group of features collapsed into one node
 =========== ============================== ==========================================
 
-Dataset graphs aggregate over positions; their ids drop the ``@pos`` suffix (``L2.transcoder#123``).
+Dataset graphs aggregate over positions by default; their ids drop the ``@pos`` suffix
+(``L2.transcoder#123``). Position-resolved dataset graphs count positions back from the answer
+position: ``L2.transcoder#123@-1`` is that feature at the answer position of every prompt.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ NodeKind = Literal["token", "feature", "error", "logit", "metric", "component", 
 NODE_KINDS: tuple[str, ...] = get_args(NodeKind)
 
 _PATTERNS = [
-    ("token", re.compile(r"^tok(?:@(?P<pos>\d+))?$")),
-    ("error", re.compile(r"^(?P<site>L\d+\.[a-z_]+)#err(?:@(?P<pos>\d+))?$")),
-    ("feature", re.compile(r"^(?P<site>L\d+\.[a-z_]+)#(?P<index>\d+)(?:@(?P<pos>\d+))?$")),
-    ("logit", re.compile(r"^logit#(?P<index>\d+)(?:@(?P<pos>\d+))?$")),
+    ("token", re.compile(r"^tok(?:@(?P<pos>-?\d+))?$")),
+    ("error", re.compile(r"^(?P<site>L\d+\.[a-z_]+)#err(?:@(?P<pos>-?\d+))?$")),
+    ("feature", re.compile(r"^(?P<site>L\d+\.[a-z_]+)#(?P<index>\d+)(?:@(?P<pos>-?\d+))?$")),
+    ("logit", re.compile(r"^logit#(?P<index>\d+)(?:@(?P<pos>-?\d+))?$")),
     ("metric", re.compile(r"^metric:(?P<name>[\w.-]+)$")),
     ("supernode", re.compile(r"^super:(?P<name>[\w.-]+)$")),
-    ("component", re.compile(r"^(?P<site>L\d+\.(?:head\d+|mlp|attn))(?:@(?P<pos>\d+))?$")),
+    ("component", re.compile(r"^(?P<site>L\d+\.(?:head\d+|mlp|attn))(?:@(?P<pos>-?\d+))?$")),
 ]
 
 

@@ -167,7 +167,7 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
                           embed=embed_leaf, frozen=clean.frozen, offsets=offsets)
         rm.forward_passes += 1
         with torch.enable_grad(), rm.spliced(spec) as record:
-            # stop before the unembedding (a full-vocabulary product per copy is not needed):
+            # stop before the unembedding (a full-vocabulary product is not needed):
             # targets on outputs are seeded on the final normalised residual instead
             resid = model(tokens, stop_at_layer=model.cfg.n_layers)
             unembed_in = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
@@ -221,9 +221,9 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
                                         is_grads_batched=True)
         grads = [x.new_zeros(n, *x.shape[1:]) if g is None else g.squeeze(1) for g, x in zip(grads, leaves, strict=True)]
         row = torch.zeros(n, n_sources, dtype=embed.dtype)
-        row[:, :n_pos] = (grads[0][:n] * embed[0]).sum(-1)
+        row[:, :n_pos] = (grads[0] * embed[0]).sum(-1)
         for i, site in enumerate(sites):
-            g_out = grads[1 + i][:n]  # [n, P, d_out]
+            g_out = grads[1 + i]  # [n, P, d_out]
             lo, hi = slices[i]
             p, f = site_pos[i], site_feat[i]
             row[:, lo:hi] = _feature_edges(g_out, dec[site], p, f, clean.sites[site].latents[0, p, f], row_pos)
@@ -239,9 +239,8 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     out_weight_t[n_sources:] = torch.tensor(out_weights, dtype=torch.float64)
     budget = min(cfg.max_feature_nodes, n_feat_end - n_pos)
     bar = tqdm(total=len(out_nodes) + budget, desc="attribution", disable=not cfg.progress, leave=False)
-    out_keys = list(range(n_sources, n_all))
+    out_keys = list(range(n_sources, n_all))  # output targets are visited first
     frozen = frozen_graph()
-    # outputs first
     for b in range(0, len(out_keys), cfg.batch_size):
         visit(out_keys[b : b + cfg.batch_size], frozen)
         bar.update(len(out_keys[b : b + cfg.batch_size]))

@@ -38,19 +38,37 @@ from dictionaries.persistence import load_dictionaries  # noqa: E402
 
 
 def dataset(task: str, model, n: int):
-    """``induction_span``: the held-out induction prompts of ``make_dataset("induction")`` (same
-    clean prompts, answers and wrong answers) with the whole first occurrence corrupted."""
-    if task != "induction_span":
-        return make_dataset(task, model, n=n, seed=0)
-    rng = random.Random("induction:heldout:0")  # make_dataset's stream for induction
-    return build_dataset(task, [tp.induction(rng, corrupt="span") for _ in range(n)], model, "logit_diff")
+    """A task's 64 held-out prompts; two induction variants for the study:
+    ``induction_span``: the prompts of ``make_dataset("induction")`` (same clean prompts, answers and
+    wrong answers) with the whole first occurrence corrupted; ``induction_wordsK``: induction whose
+    cue (the word before the answer, which the induction head looks up), answer and wrong answer
+    come from a pool of only K words (the rest of the span stays random)."""
+    if task == "induction_span":
+        rng = random.Random("induction:heldout:0")  # make_dataset's stream for induction
+        return build_dataset(task, [tp.induction(rng, corrupt="span") for _ in range(n)], model, "logit_diff")
+    if task.startswith("induction_words"):
+        rng = random.Random(f"{task}:0")
+        pool = tp.random_span(rng, int(task.removeprefix("induction_words")))
+        return build_dataset(task, [_pooled_induction(rng, pool) for _ in range(n)], model, "logit_diff")
+    return make_dataset(task, model, n=n, seed=0)
+
+
+def _pooled_induction(rng: random.Random, pool: list[str], span_len: int = 10) -> tp.TaskInstance:
+    span = tp.random_span(rng, span_len)
+    cut = rng.randint(1, span_len - 1)
+    cue, answer, wrong = rng.sample(sorted(set(pool)), 3)
+    span[cut - 1], span[cut] = cue, answer
+    first = span[:cut] + [wrong] + span[cut + 1 :]
+    return tp.TaskInstance("".join(span) + "".join(span[:cut]), (answer,), (wrong,),
+                           "".join(first) + "".join(span[:cut]), "".join(span[cut:]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tasks", default="induction,induction_span,ioi",
-                    help="task names; induction_span: induction with its whole first occurrence corrupted")
+                    help="task names; induction_span: induction with its whole first occurrence corrupted; "
+                         "induction_wordsK: induction whose cue and answers come from K words")
     ap.add_argument("--sizes", default="1,4,16,64")
     ap.add_argument("--groups", type=int, default=4, help="disjoint prompt groups per size (fewer when 64/n is less)")
     ap.add_argument("--target", type=float, default=0.8)

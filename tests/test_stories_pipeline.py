@@ -51,3 +51,34 @@ def test_story_task_and_circuit(stories, tmp_path):
     assert out.graph.metadata["n_feature_nodes"] <= 100
     assert out.scores.metric_full > out.scores.metric_empty
     assert 0.0 < out.scores.faithfulness <= 1.5
+    _check_prompt_graph_is_exact(stories, dicts)
+
+
+def _check_prompt_graph_is_exact(stories, dicts) -> None:
+    """Direct linear attribution on a llama-style model (RMSNorm, rotary, gated SiLU MLP), in
+    float64: incoming edges + bias = every visited target's value, and random edges equal the
+    effect of zeroing their source in the frozen model."""
+    import copy
+    import random
+
+    from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
+
+    from .test_linear_attribution import _frozen_value
+
+    model = copy.deepcopy(stories).to(torch.float64)
+    rm = ReplacementModel(model, {s: copy.deepcopy(d).double() for s, d in dicts.items()})
+    tokens = model.to_tokens("Lily and Tim went to the park. Lily said hello to")
+    g = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
+    with torch.no_grad():
+        clean = rm.run(tokens, record_frozen=True)
+    visited = ~torch.isnan(g.bias)
+    incoming = torch.zeros(g.n_nodes, dtype=torch.float64).index_add_(0, g.targets, g.weights.double())
+    total = incoming[visited] + g.bias[visited].double()
+    torch.testing.assert_close(total, g.activation[visited].double(), rtol=1e-9, atol=1e-9)
+    rng = random.Random(0)
+    for e in rng.sample((g.weights.abs() > 1e-3).nonzero().squeeze(1).tolist(), 20):
+        src, tgt = g.nodes[int(g.sources[e])], g.nodes[int(g.targets[e])]
+        site = next((s for s in rm.sites if s.id == src.site), None)
+        full = _frozen_value(rm, tokens, clean, tgt, None, 0, "none")
+        without = _frozen_value(rm, tokens, clean, tgt, (site, src.index), src.pos, src.kind)
+        assert abs((full - without) - float(g.weights[e])) <= 1e-6 * max(1.0, abs(float(g.weights[e]))), (src, tgt)

@@ -126,3 +126,13 @@ def test_position_resolved_ablation_patches_only_its_position(rm, default_model)
     later = NodeSet.empty(rm, n_off)
     later.features[site][3 * d + f] = True  # the same feature 3 tokens earlier: another node
     assert abs(ab.metric(later) - ab.metric(nodes)) > 1e-4
+
+
+def test_position_resolved_nodes_of_another_dataset_are_refused(rm, default_model):
+    ds = make_dataset("ioi", default_model, n=4, seed=5)
+    nodes = NodeSet.empty(rm, ds.clean_tokens.shape[1] + 3)
+    nodes.features[rm.sites[0]][-1] = True
+    from circuitgraph.errors import CircuitGraphError
+
+    with pytest.raises(CircuitGraphError, match="positions per feature but these prompts have"):
+        Ablator(rm, ds, "patch").metric(nodes)

@@ -119,7 +119,11 @@ class Ablator:
                 if m is None or not bool(m.any()):
                     return lat
                 if m.numel() != lat.shape[-1]:  # one node per feature and offset: [B, P, d_dict] mask
-                    m = m.view(-1, lat.shape[-1])[part.offset.clamp(max=m.numel() // lat.shape[-1] - 1)]
+                    if m.numel() != lat.shape[1] * lat.shape[-1]:
+                        raise CircuitGraphError(
+                            f"the node set of {site.id} has {m.numel() // lat.shape[-1]} positions per feature but these "
+                            f"prompts have {lat.shape[1]}; score and ablate with the same dataset")
+                    m = m.view(-1, lat.shape[-1])[part.offset]
                 return torch.where(m, self._replacement(part, site, "latents", lat), lat)
 
             logits = self.rm.run(part.ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits

@@ -6,7 +6,7 @@ feature at each position counted back from the answer position is its own node (
 answer position, ``@-2`` the token before it, ...), which aligns prompts of different lengths at
 their end, as templated tasks are. Feature ``f`` at offset ``r`` (0 = the answer position) has the
 flat index ``r * d_dict + f`` in the per-site score and mask vectors. Error terms stay one node per
-site. Error terms are treated as nodes with given values (their clean values unless ablated), so
+site; they are treated as nodes with given values (their clean values unless ablated), so
 gradients flow through the downstream dictionaries' encoders.
 
 Node scores (the estimated effect of the node on the metric when it goes from corrupted to clean):

@@ -76,12 +76,14 @@ def test_position_resolved_scores_and_edges_partition_the_aggregated_ones(rm, de
     for s in rm.sites:
         d = rm.dicts[s].cfg.d_dict
         torch.testing.assert_close(pos.features[s].view(-1, d).sum(0), agg.features[s], rtol=1e-6, atol=1e-7)
-    # two upstream and two downstream features, every offset of each as its own node
+        torch.testing.assert_close(pos.errors[s].sum(0, keepdim=True), agg.errors[s], rtol=1e-6, atol=1e-7)
+    # two upstream and two downstream features and the upstream error, every offset of each as its own node
     up, down = rm.sites[1], rm.sites[4]
     feats = {s: agg.features[s].abs().topk(2).indices.tolist() for s in (up, down)}
-    agg_nodes = [NodeRef(s, f) for s in (up, down) for f in feats[s]]
+    agg_nodes = [NodeRef(s, f) for s in (up, down) for f in feats[s]] + [NodeRef(up, None)]
     n_off = pos.n_offsets
     pos_nodes = [NodeRef(s, o * rm.dicts[s].cfg.d_dict + f) for s in (up, down) for f in feats[s] for o in range(n_off)]
+    pos_nodes += [NodeRef(up, None, o) for o in range(n_off)]
     cfg = DatasetAttributionConfig(progress=False)
     e_agg, m_agg = score_edges(rm, ds, agg_nodes, agg, cfg)
     e_pos, m_pos = score_edges(rm, ds, pos_nodes, pos, cfg)
@@ -90,7 +92,7 @@ def test_position_resolved_scores_and_edges_partition_the_aggregated_ones(rm, de
     fold[group, torch.arange(len(pos_nodes))] = 1
     torch.testing.assert_close(fold @ m_pos, m_agg, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(fold @ e_pos @ fold.T, e_agg, rtol=1e-6, atol=1e-8)
-    assert e_agg[2:, :2].abs().sum() > 0  # the compared edges are not all zero
+    assert e_agg[2:4, :2].abs().sum() > 0 and e_agg[2:4, 4].abs().sum() > 0  # compared edges are not all zero
 
 
 def test_position_resolved_ablation_patches_only_its_position(rm, default_model):
@@ -126,6 +128,16 @@ def test_position_resolved_ablation_patches_only_its_position(rm, default_model)
     later = NodeSet.empty(rm, n_off)
     later.features[site][3 * d + f] = True  # the same feature 3 tokens earlier: another node
     assert abs(ab.metric(later) - ab.metric(nodes)) > 1e-4
+    # an error node at the answer position only
+    err_node = NodeSet.empty(rm, n_off)
+    err_node.errors[site][0] = True
+    corr_err = rm.run(ds.corrupted_tokens).sites[site].errors
+    with torch.no_grad():
+        patched = {s: e.clone() for s, e in errors.items()}
+        patched[site][rows, ds.answer_pos] = corr_err[rows, ds.answer_pos]
+        expected_err = float(metric_of(rm.run(ds.clean_tokens, SpliceSpec(errors=patched)).logits, ds).mean())
+    assert abs(ab.metric(err_node) - expected_err) < 1e-5
+    assert abs(expected_err - ab.metric(NodeSet.empty(rm))) > 1e-4
 
 
 def test_position_resolved_nodes_of_another_dataset_are_refused(rm, default_model):
@@ -134,5 +146,5 @@ def test_position_resolved_nodes_of_another_dataset_are_refused(rm, default_mode
     nodes.features[rm.sites[0]][-1] = True
     from circuitgraph.errors import CircuitGraphError
 
-    with pytest.raises(CircuitGraphError, match="positions per feature but these prompts have"):
+    with pytest.raises(CircuitGraphError, match="positions per node but these prompts have"):
         Ablator(rm, ds, "patch").metric(nodes)

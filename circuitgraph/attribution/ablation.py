@@ -1,10 +1,10 @@
 """Running the replacement model with sets of nodes ablated: faithfulness and completeness.
 
-A node set is given per site as a bool mask of ablated features plus the set of sites whose error
-node is ablated (at every position). A ``[d_dict]`` mask holds position-aggregated nodes (ablated
-at every position); a ``[n_offsets * d_dict]`` mask holds one node per feature and position counted
-back from the answer position (``DatasetAttributionConfig.positions == "from_end"``). Ablation
-replaces a latent / error by
+A node set is given per site as a bool mask of ablated features and one of ablated error nodes.
+A ``[d_dict]`` feature mask and a ``[1]`` error mask hold position-aggregated nodes (ablated at
+every position); ``[n_offsets * d_dict]`` and ``[n_offsets]`` masks hold one node per feature (per
+error) and position counted back from the answer position (``DatasetAttributionConfig.positions
+== "from_end"``), ablated only there. Ablation replaces a latent / error by
 
 * ``patch``: its value on the corrupted prompt (ACDC's convention),
 * ``mean``: its mean over the dataset's counted positions (Marks et al.),
@@ -36,29 +36,34 @@ AblationKind = Literal["patch", "mean", "zero"]
 
 @dataclass
 class NodeSet:
-    """Ablated (or kept) nodes: per-site feature masks and a set of error sites."""
+    """Ablated (or kept) nodes: per-site feature masks and error-node masks."""
 
     features: dict[Site, torch.Tensor]
     """``[n_offsets * d_dict]`` bool per site (``n_offsets`` 1: aggregated over positions)."""
-    errors: set[Site]
+    errors: dict[Site, torch.Tensor]
+    """``[n_offsets]`` bool per site: its error node(s)."""
 
     @classmethod
     def empty(cls, rm: ReplacementModel, n_offsets: int = 1) -> NodeSet:
-        return cls({s: torch.zeros(n_offsets * d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()}, set())
+        return cls({s: torch.zeros(n_offsets * d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()},
+                   {s: torch.zeros(n_offsets, dtype=torch.bool) for s in rm.dicts})
 
     @classmethod
     def full(cls, rm: ReplacementModel, n_offsets: int = 1) -> NodeSet:
         return cls({s: torch.ones(n_offsets * d.cfg.d_dict, dtype=torch.bool) for s, d in rm.dicts.items()},
-                   set(rm.dicts))
+                   {s: torch.ones(n_offsets, dtype=torch.bool) for s in rm.dicts})
 
     def complement(self, rm: ReplacementModel) -> NodeSet:
-        return NodeSet({s: ~m for s, m in self.features.items()}, set(rm.dicts) - self.errors)
+        return NodeSet({s: ~m for s, m in self.features.items()}, {s: ~m for s, m in self.errors.items()})
 
     def n_features(self) -> int:
         return int(sum(int(m.sum()) for m in self.features.values()))
 
+    def n_errors(self) -> int:
+        return int(sum(int(m.sum()) for m in self.errors.values()))
+
     def copy(self) -> NodeSet:
-        return NodeSet({s: m.clone() for s, m in self.features.items()}, set(self.errors))
+        return NodeSet({s: m.clone() for s, m in self.features.items()}, {s: m.clone() for s, m in self.errors.items()})
 
 
 class _Batch(NamedTuple):
@@ -106,25 +111,30 @@ class Ablator:
             return table[site].expand_as(like)
         return (part.corr_latents if which == "latents" else part.corr_errors)[site]
 
+    def _ablate(self, part: _Batch, site: Site, which: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (``[B, P, width]`` latents or errors) with the nodes of ``mask`` ablated: a
+        ``[width]`` mask (features) or ``[1]`` (the error) at every position, a ``[n_offsets *
+        width]`` / ``[n_offsets]`` one at each node's offset from the answer position only."""
+        if mask is None or not bool(mask.any()):
+            return x
+        width = x.shape[-1] if which == "latents" else 1
+        if mask.numel() != width:  # one node per offset: a [B, P, width] mask
+            if mask.numel() != x.shape[1] * width:
+                raise CircuitGraphError(
+                    f"the node set of {site.id} has {mask.numel() // width} positions per node but these prompts "
+                    f"have {x.shape[1]}; score and ablate with the same dataset")
+            mask = mask.view(-1, width)[part.offset]
+        return torch.where(mask, self._replacement(part, site, which, x), x)
+
     @torch.no_grad()
     def metric(self, ablated: NodeSet) -> float:
         """Mean task metric with ``ablated`` nodes ablated (one forward pass per batch)."""
         total = 0.0
         for part in self.parts:
-            errors = {s: (self._replacement(part, s, "errors", e) if s in ablated.errors else e)
-                      for s, e in part.clean_errors.items()}
+            errors = {s: self._ablate(part, s, "errors", e, ablated.errors.get(s)) for s, e in part.clean_errors.items()}
 
             def edit(site: Site, lat: torch.Tensor, part: _Batch = part) -> torch.Tensor:
-                m = ablated.features.get(site)
-                if m is None or not bool(m.any()):
-                    return lat
-                if m.numel() != lat.shape[-1]:  # one node per feature and offset: [B, P, d_dict] mask
-                    if m.numel() != lat.shape[1] * lat.shape[-1]:
-                        raise CircuitGraphError(
-                            f"the node set of {site.id} has {m.numel() // lat.shape[-1]} positions per feature but these "
-                            f"prompts have {lat.shape[1]}; score and ablate with the same dataset")
-                    m = m.view(-1, lat.shape[-1])[part.offset]
-                return torch.where(m, self._replacement(part, site, "latents", lat), lat)
+                return self._ablate(part, site, "latents", lat, ablated.features.get(site))
 
             logits = self.rm.run(part.ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits
             total += float(metric_of(logits, part.ds).sum())

@@ -62,12 +62,12 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, tau: float = 0.01, max_feat
     skip_below = skip_fraction * threshold
     keep_above = keep_factor * threshold
     ablated = NodeSet.empty(rm, scores.n_offsets)
-    candidates: list[tuple[float, float, object, int | None]] = []  # (-depth, |score|, site, index)
+    candidates: list[tuple[float, float, object, int]] = []  # (-depth, |score|, site, index; -1 - offset: error)
     n_nodes = 0
     skipped = kept = 0
     for s in rm.sites:
         sc = scores.features[s].abs()
-        n_nodes += sc.numel() + 1
+        n_nodes += sc.numel()
         low = sc < skip_below
         ablated.features[s] |= low
         skipped += int(low.sum())
@@ -75,14 +75,15 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, tau: float = 0.01, max_feat
         kept += int(high.sum())
         for i in (~low & ~high).nonzero().squeeze(1).tolist():
             candidates.append((-site_depth(s), float(sc[i]), s, i))
-        e = abs(float(scores.errors[s]))
-        if e < skip_below:
-            ablated.errors.add(s)
-            skipped += 1
-        elif e >= keep_above:
-            kept += 1
-        else:
-            candidates.append((-site_depth(s), e, s, None))
+        for o, e in enumerate(scores.errors[s].abs().tolist()):  # the error node(s): one per offset
+            n_nodes += 1
+            if e < skip_below:
+                ablated.errors[s][o] = True
+                skipped += 1
+            elif e >= keep_above:
+                kept += 1
+            else:
+                candidates.append((-site_depth(s), e, s, -(o + 1)))  # errors: negative indices
     candidates.sort(key=lambda c: (c[0], c[1]))
     state = {"ablated": ablated, "current": ablator.metric(ablated), "evals": 0}
     bar = tqdm(total=len(candidates), desc="acdc", disable=not progress, leave=False)
@@ -90,8 +91,8 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, tau: float = 0.01, max_feat
     def try_group(group: list) -> bool:
         trial = state["ablated"].copy()
         for _, _, site, index in group:
-            if index is None:
-                trial.errors.add(site)
+            if index < 0:
+                trial.errors[site][-index - 1] = True
             else:
                 trial.features[site][index] = True
         m = ablator.metric(trial)

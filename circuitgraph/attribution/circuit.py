@@ -83,7 +83,7 @@ def select_top(scores: NodeScores, max_features: int) -> NodeSet:
     k = min(max_features, int((flat > 0).sum()))
     thr = float(flat.topk(k).values[-1]) if k else float("inf")
     feats = {s: (v.abs() >= thr) & (v != 0) for s, v in scores.features.items()}
-    errs = {s for s, v in scores.errors.items() if abs(float(v)) >= thr}
+    errs = {s: v.abs() >= thr for s, v in scores.errors.items()}
     return NodeSet(feats, errs)
 
 
@@ -136,8 +136,7 @@ def node_refs(rm: ReplacementModel, circuit: NodeSet) -> list[NodeRef]:
     refs: list[NodeRef] = []
     for s in rm.sites:
         refs += [NodeRef(s, int(i)) for i in circuit.features[s].nonzero().squeeze(1).tolist()]
-        if s in circuit.errors:
-            refs.append(NodeRef(s, None))
+        refs += [NodeRef(s, None, int(o)) for o in circuit.errors[s].nonzero().squeeze(1).tolist()]
     return refs
 
 
@@ -150,13 +149,10 @@ def build_graph(rm: ReplacementModel, ds: TaskDataset, circuit: NodeSet, scores:
     act, node_scores = [], []
     mean_act = _mean_activations(rm, scores)
     for r in refs:
-        if r.index is None:
-            nodes.append(Node("error", site_depth(r.site), r.site.id))
-        else:
-            offset, feature = divmod(r.index, rm.dicts[r.site].cfg.d_dict)
-            pos = -(offset + 1) if scores.n_offsets > 1 else None  # -1: the answer position
-            nodes.append(Node("feature", site_depth(r.site), r.site.id, feature, pos))
-        node_scores.append(float(scores.errors[r.site] if r.index is None else scores.features[r.site][r.index]))
+        offset, feature = divmod(r.index, rm.dicts[r.site].cfg.d_dict) if r.index is not None else (r.error_offset, None)
+        pos = -(offset + 1) if scores.n_offsets > 1 else None  # -1: the answer position
+        nodes.append(Node("error" if r.index is None else "feature", site_depth(r.site), r.site.id, feature, pos))
+        node_scores.append(float(scores.errors[r.site][r.error_offset] if r.index is None else scores.features[r.site][r.index]))
         act.append(float(mean_act[r.site][r.index]) if r.index is not None else 0.0)
     nodes.append(Node("metric", float(rm.model.cfg.n_layers), name=metric_name))
     node_scores.append(scores.metric_clean - scores.metric_corrupt)
@@ -221,7 +217,7 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
         "world_size": size,
         "sites": [s.id for s in rm.sites], "ablation": cfg.ablation, "max_feature_nodes": cfg.max_feature_nodes,
         "positions": cfg.positions,
-        "n_feature_nodes": circuit.n_features(), "n_error_nodes": len(circuit.errors),
+        "n_feature_nodes": circuit.n_features(), "n_error_nodes": circuit.n_errors(),
         "faithfulness": cs.faithfulness, "completeness": cs.completeness, "metric_full": cs.metric_full,
         "metric_empty": cs.metric_empty, "metric_circuit": cs.metric_circuit,
         "metric_without_circuit": cs.metric_without_circuit, "forward_passes": passes, "seconds": seconds, **extra,

@@ -5,9 +5,10 @@ feature is one node for the whole dataset, summed over positions; with ``positio
 feature at each position counted back from the answer position is its own node (``@-1`` is the
 answer position, ``@-2`` the token before it, ...), which aligns prompts of different lengths at
 their end, as templated tasks are. Feature ``f`` at offset ``r`` (0 = the answer position) has the
-flat index ``r * d_dict + f`` in the per-site score and mask vectors. Error terms stay one node per
-site; they are treated as nodes with given values (their clean values unless ablated), so
-gradients flow through the downstream dictionaries' encoders.
+flat index ``r * d_dict + f`` in the per-site score and mask vectors; a site's error term is one
+node (aggregated) or one node per offset, index ``r`` of its ``[n_offsets]`` score and mask
+vectors. Error terms are treated as nodes with given values (their clean values unless ablated),
+so gradients flow through the downstream dictionaries' encoders.
 
 Node scores (the estimated effect of the node on the metric when it goes from corrupted to clean):
 
@@ -95,7 +96,7 @@ class NodeScores(NamedTuple):
     """``[n_offsets * d_dict]`` score of every feature node at every site (``n_offsets`` is 1 when
     positions are aggregated)."""
     errors: dict[Site, torch.Tensor]
-    """``[]`` score of every site's error node."""
+    """``[n_offsets]`` score of every site's error node(s)."""
     grads: list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]
     """Per batch: ``dm/d latents`` and ``dm/d errors`` (``[B, P, width]``) used for the scores."""
     values: list[SiteValues]
@@ -178,7 +179,7 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
     sites = rm.sites
     n_off = ds.clean_tokens.shape[1] if cfg.positions == "from_end" else 1
     feat = {s: torch.zeros(n_off * rm.dicts[s].cfg.d_dict, dtype=torch.float64) for s in sites}
-    errs = {s: torch.zeros((), dtype=torch.float64) for s in sites}
+    errs = {s: torch.zeros(n_off, dtype=torch.float64) for s in sites}
     grads, values = [], []
     m_clean = m_corr = 0.0
     parts = batches(ds, cfg.batch_size)
@@ -205,7 +206,7 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
             d_lat = (v.clean_latents[s] - v.corr_latents[s]) * mask
             d_err = (v.clean_errors[s] - v.corr_errors[s]) * mask
             feat[s] += by_offset(d_lat * g_lat[s], v.offset, n_off).double()
-            errs[s] += (d_err * g_err[s]).sum().double()
+            errs[s] += by_offset((d_err * g_err[s]).sum(-1, keepdim=True), v.offset, n_off).double()
         grads.append((g_lat, g_err))
         values.append(v)
     # under torchrun each rank scored its shard of the prompts: sum over ranks
@@ -220,10 +221,12 @@ def score_nodes(rm: ReplacementModel, ds: TaskDataset, cfg: DatasetAttributionCo
 
 class NodeRef(NamedTuple):
     """A dataset node: ``index`` is the feature's flat index (``offset * d_dict + feature``; the
-    feature itself when positions are aggregated), or ``None`` for the site's error."""
+    feature itself when positions are aggregated), or ``None`` for an error node, whose offset from
+    the answer position is ``error_offset`` (0 when positions are aggregated)."""
 
     site: Site
     index: int | None
+    error_offset: int = 0
 
 
 def score_edges(rm: ReplacementModel, ds: TaskDataset, nodes: list[NodeRef], scores: NodeScores,
@@ -290,5 +293,10 @@ def _per_node(g: list[torch.Tensor], nodes: list[NodeRef], sites: list[Site], v:
         err_cols = [j for j, r in enumerate(nodes) if r.site == site and r.index is None]
         if err_cols:
             delta = (v.clean_errors[site] - v.corr_errors[site]) * mask
-            out[:, err_cols] = (g[k + i] * delta).sum((1, 2, 3)).double().unsqueeze(1)
+            per_pos = (g[k + i] * delta).sum(-1)  # [R, B, P]
+            if n_offsets > 1:  # each error node counts only at its own offset
+                offs = torch.tensor([nodes[j].error_offset for j in err_cols])
+                out[:, err_cols] = (per_pos.unsqueeze(-1) * (v.offset.unsqueeze(-1) == offs)).sum((1, 2)).double()
+            else:
+                out[:, err_cols] = per_pos.sum((1, 2)).double().unsqueeze(1)
     return out

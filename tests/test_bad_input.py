@@ -62,6 +62,15 @@ def test_config_errors() -> None:
         TrainConfig(decay_frac=2.0)
     with pytest.raises(ValueError, match="no site kinds given"):
         expand_sites(" , ", "all", 4)
+    with pytest.raises(ValueError, match="grad_clip=-1.0 is negative; pass a positive norm, or 0"):
+        TrainConfig(grad_clip=-1.0)
+    from circuitgraph.attribution.circuit import CircuitConfig
+    from circuitgraph.attribution.dataset import DatasetAttributionConfig
+
+    with pytest.raises(ValueError, match="positions must be 'aggregate' or 'from_end'"):
+        CircuitConfig(positions="start")
+    with pytest.raises(ValueError, match="positions must be 'aggregate' or 'from_end'"):
+        DatasetAttributionConfig(positions="start")
 
 
 def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(default_model, tmp_path, monkeypatch) -> None:

@@ -120,6 +120,7 @@ def test_cli_train_and_eval(tmp_path) -> None:
     (("--sites", "resid_post", "--layers", "9"), "layer 9 is out of range"),
     (("--sites", "bogus"), "unknown site kind 'bogus'"),
     (("--arch", "bogus"), "invalid choice: 'bogus'"),
+    (("--grad-clip", "-1"), "grad_clip=-1.0 is negative"),
 ])
 def test_cli_bad_input(tmp_path, args, message) -> None:
     out = run_cli("train-dictionaries", "--out", str(tmp_path), "--tokens", "8k", *args)

@@ -52,14 +52,14 @@ def schedule(step: int, steps: int, decay_frac: float) -> float:
 
 
 def run_ours(train: torch.Tensor, test: torch.Tensor, width: int, k: int, batch: int, lr: float,
-             decay_frac: float) -> tuple[float, float]:
+             decay_frac: float, grad_clip: float) -> tuple[float, float]:
     from dictionaries.architectures.registry import build_dictionary
     from dictionaries.config import DictionaryConfig
-    from dictionaries.training import DictionaryStepper, TrainConfig, initialise_from_data
+    from dictionaries.training import DictionaryStepper, initialise_from_data
 
     d = build_dictionary(DictionaryConfig(arch="topk", d_in=train.shape[1], d_dict=width, k=k), seed=0)
     initialise_from_data(d, train[:batch], train[:batch])
-    stepper = DictionaryStepper(d, lr=lr, grad_clip=TrainConfig().grad_clip)  # our trainer's default
+    stepper = DictionaryStepper(d, lr=lr, grad_clip=grad_clip)
     steps = train.shape[0] // batch
     t0 = time.perf_counter()
     for s in range(steps):
@@ -117,8 +117,14 @@ def main() -> None:
     p.add_argument("--decay-frac", type=float, default=0.2,
                    help="both: constant learning rate, then linear decay to 0 over this last fraction of steps "
                         "(our trainer's default; SAELens's trainer offers the same with lr_decay_steps)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="our gradient clipping norm (default: our trainer's default, TrainConfig.grad_clip; 0: none)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.grad_clip is None:
+        from dictionaries.training import TrainConfig
+
+        args.grad_clip = TrainConfig().grad_clip
     torch.set_num_threads(args.threads)
     acts = collect(args.site, args.tokens + 20_000, seed=1)
     train, test = acts[: args.tokens], acts[args.tokens :]
@@ -127,7 +133,7 @@ def main() -> None:
     train, test = train * scale, test * scale
     runs = []
     for lr in args.lrs:
-        ours_tps, ours_fvu = run_ours(train, test, args.width, args.k, args.batch, lr, args.decay_frac)
+        ours_tps, ours_fvu = run_ours(train, test, args.width, args.k, args.batch, lr, args.decay_frac, args.grad_clip)
         sl_tps, sl_fvu = run_saelens(train, test, args.width, args.k, args.batch, lr, args.decay_frac, sparse=False)
         runs.append({"lr": lr, "ours_tokens_per_s": round(ours_tps), "ours_fvu": round(ours_fvu, 4),
                      "saelens_tokens_per_s": round(sl_tps), "saelens_fvu": round(sl_fvu, 4),
@@ -145,7 +151,7 @@ def main() -> None:
     tps_sl = sum(r["saelens_tokens_per_s"] for r in runs) / len(runs)
     result = {
         "site": args.site, "tokens": args.tokens, "width": args.width, "k": args.k, "batch": args.batch,
-        "threads": args.threads, "decay_frac": args.decay_frac, "runs": runs,
+        "threads": args.threads, "decay_frac": args.decay_frac, "grad_clip": args.grad_clip, "runs": runs,
         "throughput_ratio": round(tps_ours / tps_sl, 2),
         "best_fvu": {"ours": best_ours["ours_fvu"], "ours_lr": best_ours["lr"],
                      "saelens": best_sl["saelens_fvu"], "saelens_lr": best_sl["lr"]},

@@ -148,6 +148,8 @@ def test_hf_dataset_source_streams_tokenised_examples(default_model, tmp_path) -
     assert seqs[:, 1:].reshape(-1).tolist() == stream[: 5 * 15]
     with pytest.raises(ValueError, match="no column 'body'.*text, id"):
         hf_dataset_tokens(str(tmp_path / "ds"), default_model, column="body")
+    with pytest.raises(ValueError, match="fewer tokens than one sequence of 100000"):
+        hf_dataset_tokens(str(tmp_path / "ds"), default_model, seq_len=100_000)
     with pytest.raises(ValueError, match="could not open the Hugging Face dataset"):
         hf_dataset_tokens("no-such-user/no-such-dataset", default_model)  # HF_HUB_OFFLINE=1: fails fast
 

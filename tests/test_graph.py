@@ -111,3 +111,19 @@ def test_sparse_storage_never_dense():
     tgt = torch.randint(0, n, (50_000,))
     a = normalised_adjacency(src, tgt, torch.rand(50_000), n)
     assert a.layout == torch.sparse_csr and a.values().numel() <= 50_000
+
+
+def test_influence_of_edges_equals_the_sparse_series_even_with_duplicate_edges() -> None:
+    from circuitgraph.graph.influence import influence_of_edges
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    src = torch.randint(0, n - 10, (4000,), generator=g)
+    tgt = src + torch.randint(1, 10, (4000,), generator=g)  # acyclic: edges point forward
+    src, tgt = torch.cat([src, src[:500]]), torch.cat([tgt, tgt[:500]])  # 500 duplicated pairs
+    w = torch.randn(src.numel(), generator=g)
+    out = torch.zeros(n)
+    out[-5:] = torch.rand(5, generator=g)
+    ref = influence(normalised_adjacency(src, tgt, w, n), out)
+    torch.testing.assert_close(influence_of_edges(src, tgt, w, out), ref, rtol=1e-12, atol=1e-14)
+    assert float(ref.abs().max()) > 0.01

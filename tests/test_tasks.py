@@ -55,6 +55,15 @@ def test_induction_corruption_is_a_minimal_pair(default_model) -> None:
     assert (corrupt < 0).float().mean() >= 0.9
 
 
+def test_induction_rejects_an_unknown_corruption() -> None:
+    import random
+
+    from circuitgraph.toylang.templates import induction
+
+    with pytest.raises(ValueError, match="corrupt must be 'answer' or 'span', got 'tokens'"):
+        induction(random.Random(0), corrupt="tokens")
+
+
 def test_datasets_are_deterministic(default_model) -> None:
     a = make_dataset("ioi", default_model, n=8, seed=5)
     b = make_dataset("ioi", default_model, n=8, seed=5)

@@ -31,35 +31,34 @@ def normalised_adjacency(sources: torch.Tensor, targets: torch.Tensor, weights: 
     return coo.coalesce().to_sparse_csr()
 
 
-def influence(a_norm: torch.Tensor, output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
-    """``[N]`` influence of every node on the outputs (the series in the module docstring)."""
-    a_t = a_norm.to_sparse_coo().transpose(0, 1).coalesce().to_sparse_csr()
-    x = output_weights.double().unsqueeze(1)
+def _power_series(step, x: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """``step(x) + step(step(x)) + ...`` until a term's largest entry is at most ``tol``."""
     total = torch.zeros_like(x)
     for _ in range(max_iter):
-        x = a_t @ x
-        total += x
-        if float(x.abs().max()) <= tol:
-            break
-    return total.squeeze(1)
-
-
-def influence_of_edges(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                       output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
-    """:func:`influence` of :func:`normalised_adjacency` straight from an edge list without duplicate
-    (target, source) pairs: scatter-adds over the edges, no sorting, so it is cheap to recompute
-    while a graph grows."""
-    n = output_weights.shape[0]
-    w = weights.abs().double()
-    frac = w / torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)[targets].clamp(min=1e-30)
-    x = output_weights.double()
-    total = torch.zeros_like(x)
-    for _ in range(max_iter):
-        x = torch.zeros_like(x).index_add_(0, sources, frac * x[targets])
+        x = step(x)
         total += x
         if float(x.abs().max()) <= tol:
             break
     return total
+
+
+def influence(a_norm: torch.Tensor, output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
+    """``[N]`` influence of every node on the outputs (the series in the module docstring)."""
+    a_t = a_norm.to_sparse_coo().transpose(0, 1).coalesce().to_sparse_csr()
+    x = output_weights.double().unsqueeze(1)
+    return _power_series(lambda v: a_t @ v, x, max_iter, tol).squeeze(1)
+
+
+def influence_of_edges(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                       output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
+    """:func:`influence` of :func:`normalised_adjacency` straight from the edge list: scatter-adds
+    over the edges (duplicate pairs add up, as coalescing does), no sorting, so it is cheap to
+    recompute while a graph grows."""
+    n = output_weights.shape[0]
+    w = weights.abs().double()
+    frac = w / torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)[targets].clamp(min=1e-30)
+    x = output_weights.double()
+    return _power_series(lambda v: torch.zeros_like(v).index_add_(0, sources, frac * v[targets]), x, max_iter, tol)
 
 
 def edge_influence(sources: torch.Tensor, targets: torch.Tensor, a_norm: torch.Tensor, node_influence: torch.Tensor,

@@ -148,10 +148,7 @@ class ReplacementModel:
             untouched = site not in spec.latents and site not in spec.errors and site not in spec.offsets
             if untouched and spec.edit_latents is None and spec.edit_errors is None:
                 return act  # decode(encode(x)) + (x - decode(encode(x))) is x: return it bit-exactly
-            if b > 1 and latents.stride(0) == 0:  # the same latents for every row (prompt copies): decode once
-                decoded = d.decode(latents[0]).unsqueeze(0).expand(b, -1, -1)
-            else:
-                decoded = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1)
+            decoded = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1)
             new = decoded + skip + errors
             if site in spec.offsets:
                 new = new + spec.offsets[site]

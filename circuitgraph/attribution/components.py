@@ -18,24 +18,26 @@ switched on inside :func:`component_hooks_enabled` and restored afterwards.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from circuitgraph.attribution.ablation import AblationKind
-from circuitgraph.attribution.dataset import batches, metric_of, position_mask
+from circuitgraph.attribution.ablation import faithfulness_ratio
+from circuitgraph.attribution.acdc import AcdcConfig, Candidate, acdc_search
+from circuitgraph.attribution.runs import AblationKind, batches, metric_of, position_mask
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.tasks.dataset import TaskDataset
 from dictionaries.site import ModelHooks
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Component:
@@ -257,10 +259,8 @@ class ComponentCircuitConfig:
     """``attribution`` (EAP), ``ig`` (EAP-IG) or ``acdc``."""
     max_edges: int = 100
     """For attribution / ig: keep the top edges by ``|score|``."""
-    tau: float = 0.002
-    """ACDC threshold as a fraction of ``|m(full) - m(empty)|``."""
-    skip_fraction: float = 0.1
-    """ACDC: edges with ``|EAP score| < skip_fraction * tau * |m(full) - m(empty)|`` are removed untested."""
+    acdc: AcdcConfig = field(default_factory=AcdcConfig)
+    """ACDC settings (the same search as for feature nodes; candidates are edges, grouped by receiver)."""
     ablation: AblationKind = "patch"
     """How ablated edges' senders are replaced (patch / mean / zero)."""
     ig_steps: int = 8
@@ -269,6 +269,12 @@ class ComponentCircuitConfig:
     """Prompts per forward pass."""
     progress: bool = True
     """Show tqdm bars."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("attribution", "ig", "acdc"):
+            raise ValueError(f"method must be attribution, ig or acdc, got {self.method!r}")
+        if self.max_edges < 1 or self.ig_steps < 1 or self.batch_size < 1:
+            raise ValueError("max_edges, ig_steps and batch_size must be at least 1")
 
 
 def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCircuitConfig | None = None) -> tuple[Graph, dict]:
@@ -280,29 +286,27 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
     ablator = EdgeAblator(model, ds, cfg.ablation, cfg.batch_size)
     full = ablator.metric(torch.zeros_like(valid))
     empty = ablator.metric(valid)
-    span = full - empty
-    if abs(span) < 1e-9:
-        raise CircuitGraphError("the metric does not change when every edge is ablated; try --ablation mean")
+    faithfulness_ratio(full, full, empty)  # a clear error when ablating every edge changes nothing
     extra = {}
     if cfg.method == "acdc":
-        # edges whose EAP estimate is far below the threshold are removed together, untested
-        removed = valid & (sc.scores.abs() < cfg.skip_fraction * cfg.tau * abs(span))
-        current = ablator.metric(removed)
-        order = sorted(((r, s) for r in range(len(sc.receivers)) for s in range(len(sc.senders))
-                        if valid[r, s] and not removed[r, s]),
-                       key=lambda rs: (-sc.receivers[rs[0]].order, abs(float(sc.scores[rs]))))
-        extra["acdc_skipped"] = int(removed.sum())
-        extra["acdc_tested"] = len(order)
-        for r, s in tqdm(order, desc="acdc edges", disable=not cfg.progress, leave=False):
-            removed[r, s] = True
-            m = ablator.metric(removed)
-            if abs(m - current) < cfg.tau * abs(span):
-                current = m
-            else:
-                removed[r, s] = False
-        keep = valid & ~removed
-        # plain ACDC: the same baselines and final scores (4 evaluations), one evaluation per edge, no skip check
-        extra["plain_acdc_forward_passes"] = (int(valid.sum()) + 4) * len(ablator.parts)
+        cands = [Candidate(r, sc.receivers[r].order, abs(float(sc.scores[r, s])), (r, s))
+                 for r in range(len(sc.receivers)) for s in range(len(sc.senders)) if valid[r, s]]
+
+        def extend(removed: torch.Tensor, items: list) -> torch.Tensor:
+            out = removed.clone()
+            for r, s in items:
+                out[r, s] = True
+            return out
+
+        search = acdc_search(cands, torch.zeros_like(valid), extend, ablator.metric, cfg.acdc.tau * abs(full - empty),
+                             cfg.acdc, cfg.progress)
+        keep = valid & ~search.state
+        extra = {"acdc_tau": cfg.acdc.tau, "acdc_candidates": search.n_candidates, "acdc_low_group": search.n_low,
+                 "acdc_rescued": search.n_rescued, "acdc_tested": search.n_tested,
+                 "acdc_kept_untested": search.n_kept_untested, "acdc_evaluations": search.evaluations,
+                 "acdc_suspicious": int(keep.sum() == 0)}
+        if not keep.any():
+            log.warning("ACDC kept no edge: every ablation stayed below tau = %g of the metric gap", cfg.acdc.tau)
     else:
         flat = (sc.scores.abs() * valid).flatten()
         k = min(cfg.max_edges, int((flat > 0).sum()))
@@ -313,9 +317,11 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
     m_wo = ablator.metric(keep)
     graph = _component_graph(sc, keep, ds.metric_kind)
     meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "n_prompts": len(ds),
-            "ablation": cfg.ablation, "faithfulness": (m_c - empty) / span, "completeness": (full - m_wo) / span,
-            "metric_full": full, "metric_empty": empty, "n_circuit_edges": int(keep.sum()),
-            "forward_passes": ablator.forward_passes, "seconds": time.perf_counter() - start, **extra}
+            "ablation": cfg.ablation, "faithfulness": faithfulness_ratio(m_c, full, empty),
+            "completeness": faithfulness_ratio(full, full, empty) - faithfulness_ratio(m_wo, full, empty),
+            "metric_full": full, "metric_empty": empty, "metric_circuit": m_c, "metric_without_circuit": m_wo,
+            "n_circuit_edges": int(keep.sum()), "forward_passes": ablator.forward_passes,
+            "seconds": time.perf_counter() - start, **extra}
     graph.metadata.update(meta)
     return graph, meta
 

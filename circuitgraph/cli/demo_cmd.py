@@ -30,20 +30,22 @@ def _ioi_circuit(model, dicts, out: str) -> dict:
     from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
     from circuitgraph.cli.trace_cmd import describe_into
     from circuitgraph.replacement import ReplacementModel
-    from circuitgraph.tasks.registry import make_dataset
+    from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     rm = ReplacementModel(model, {s: d for s, d in dicts.items() if s.kind in ("attn_z", "transcoder")})
     ds = make_dataset("ioi", model, n=64, seed=0)
-    res = trace_dataset(rm, ds, CircuitConfig("attribution", max_feature_nodes=200))
+    res = trace_dataset(rm, ds, CircuitConfig("attribution", max_nodes=200), make_disjoint_dataset("ioi", model, 64, ds))
     describe_into(res.graph, rm, argparse.Namespace(describe_seqs=128, model="default"), ds.clean_tokens)
     res.graph.save(out)
-    print(f"IOI circuit: {res.graph.metadata['n_feature_nodes']} features + {res.graph.metadata['n_error_nodes']} error nodes, "
-          f"faithfulness {res.scores.faithfulness:.3f}, completeness {res.scores.completeness:.3f} -> {out}")
+    e = res.evaluation
+    print(f"IOI circuit ({e.n_nodes} nodes: {e.n_feature_nodes} features + {e.n_error_nodes} error nodes), "
+          f"on {e.n_prompts} held-out prompts: faithfulness {e.faithfulness:.3f}, features only "
+          f"{e.faithfulness_features_only:.3f} (ceiling {e.ceiling:.3f}), errors only {e.faithfulness_errors_only:.3f}, "
+          f"completeness {e.completeness:.3f} -> {out}")
     print("top upstream nodes of metric:logit_diff (direct edges):")
     for r in res.graph.upstream("metric:logit_diff", top_k=8):
         print(f"  {r.node:22s} weight={r.weight:+.3f}  {r.label}")
-    return {"faithfulness": res.scores.faithfulness, "completeness": res.scores.completeness,
-            "n_nodes": res.graph.n_nodes, "n_edges": res.graph.n_edges, "out": out}
+    return {**res.evaluation.to_dict(), "n_edges": res.graph.n_edges, "out": out}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,15 +26,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="attribution", choices=["attribution", "ig", "acdc"])
     p.add_argument("--granularity", default="features", choices=["features", "components"],
                    help="dictionary features, or attention heads and MLPs as nodes")
-    p.add_argument("--max-feature-nodes", type=int, default=200, help="feature-node budget")
+    p.add_argument("--max-nodes", type=int, default=200,
+                   help="dataset circuits: node budget, feature and error nodes counted alike")
+    p.add_argument("--max-feature-nodes", type=int, default=None,
+                   help="dataset circuits: an extra cap on feature nodes; --prompt: features visited (default 1000)")
+    p.add_argument("--eval-n", type=int, default=64,
+                   help="held-out prompts the circuit is evaluated on (disjoint from the --n selection prompts; "
+                        "0: evaluate on the selection prompts only)")
+    p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out evaluation prompts")
     p.add_argument("--target-faithfulness", type=float, default=0.0,
-                   help="attribution/ig: the smallest circuit (up to --max-feature-nodes) reaching this faithfulness")
+                   help="attribution/ig: the smallest circuit (up to --max-nodes) reaching this faithfulness")
+    p.add_argument("--target-kind", default="faithfulness", choices=["faithfulness", "faithfulness_features_only"],
+                   help="what --target-faithfulness measures (features_only: every error node ablated)")
     p.add_argument("--max-edges", type=int, default=100, help="component circuits: edges kept by attribution / ig")
     p.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
                    help="dataset feature nodes: one per feature (aggregate) or one per feature and position counted "
                         "back from the answer (from_end; ids ...#f@-1 at the answer position)")
     p.add_argument("--ablation", default="patch", choices=["patch", "mean", "zero"], help="how nodes outside the circuit are ablated")
     p.add_argument("--tau", type=float, default=0.002, help="ACDC threshold (fraction of the full-vs-empty metric gap)")
+    p.add_argument("--acdc-skip-fraction", type=float, default=0.1,
+                   help="ACDC: candidates scored below this fraction of tau form one group removed after one verifying "
+                        "test (split and retested when it fails); 0: none")
+    p.add_argument("--acdc-keep-factor", type=float, default=4.0,
+                   help="ACDC: candidates scored above this many tau are kept untested; inf: test every candidate")
+    p.add_argument("--acdc-group-size", type=int, default=8, help="ACDC: first group size (1: test one by one)")
+    p.add_argument("--plain-acdc", action="store_true",
+                   help="plain ACDC: every candidate tested alone (overrides the three --acdc-* settings)")
     p.add_argument("--ig-steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--node-threshold", type=float, default=0.8, help="--prompt: cumulative influence kept when pruning")
@@ -100,10 +117,24 @@ def _load(args: argparse.Namespace):
     return model, ReplacementModel(model, {s: d for s, d in dicts.items() if s in wanted})
 
 
+def _acdc_config(args: argparse.Namespace):
+    from circuitgraph.attribution.acdc import AcdcConfig
+
+    try:
+        if args.plain_acdc:
+            return AcdcConfig.plain(args.tau)
+        return AcdcConfig(args.tau, args.acdc_skip_fraction, args.acdc_keep_factor, args.acdc_group_size)
+    except ValueError as err:
+        raise CircuitGraphError(f"{err}; check --tau / --acdc-*") from err
+
+
 def run_trace(args: argparse.Namespace) -> int:
-    from circuitgraph.tasks.registry import make_dataset
+    from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     start = time.perf_counter()
+    if args.eval_n < 0:
+        raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
+    acdc = _acdc_config(args)
     model, rm = _load(args)
     if args.prompt is not None:
         summary = _trace_prompt(args, model, rm)
@@ -112,33 +143,39 @@ def run_trace(args: argparse.Namespace) -> int:
         if args.granularity == "components":
             from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 
-            cfg = ComponentCircuitConfig(args.method, args.max_edges, args.tau, ablation=args.ablation,
+            cfg = ComponentCircuitConfig(args.method, args.max_edges, acdc, ablation=args.ablation,
                                          ig_steps=args.ig_steps, batch_size=args.batch_size)
             graph, meta = trace_components(model, ds, cfg)
+            summary = {k: meta[k] for k in ("faithfulness", "completeness", "n_circuit_edges", "forward_passes")}
         else:
             from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
             from dictionaries import distributed
 
             distributed.maybe_init()  # under torchrun: prompts are sharded over the processes
             try:
-                cfg = CircuitConfig(args.method, args.max_feature_nodes, args.ablation, args.ig_steps, args.tau,
+                cfg = CircuitConfig(args.method, args.max_nodes, args.max_feature_nodes, args.ablation, args.ig_steps,
                                     args.batch_size, progress=distributed.is_main(),
-                                    target_faithfulness=args.target_faithfulness, positions=args.positions)
+                                    target_faithfulness=args.target_faithfulness, target_kind=args.target_kind,
+                                    positions=args.positions, acdc=acdc)
             except ValueError as err:
-                raise CircuitGraphError(f"{err}; check --method / --target-faithfulness") from err
-            graph = trace_dataset(rm, ds, cfg).graph
+                raise CircuitGraphError(f"{err}; check --method / --max-nodes / --target-faithfulness") from err
+            eval_ds = make_disjoint_dataset(args.task, model, args.eval_n, ds, args.eval_seed) if args.eval_n else None
+            graph = trace_dataset(rm, ds, cfg, eval_ds).graph
             meta = graph.metadata
             if not distributed.is_main():
                 return 0
+            summary = {k: v for k, v in meta.items() if k not in ("prompts", "eval_prompts", "budgets_tried", "sites")}
+            if meta.get("acdc_suspicious"):
+                print(f"warning: ACDC result is suspicious (flag {meta['acdc_suspicious']}: 1 = empty circuit, "
+                      "2 = tiny metric gap)", file=sys.stderr)
         graph.metadata["model"] = args.model
         graph.metadata["dicts"] = args.dicts
         if rm is not None:
             describe_into(graph, rm, args, ds.clean_tokens)
         graph.save(args.out)
-        summary = {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": meta["faithfulness"],
-                   "completeness": meta["completeness"], "forward_passes": meta["forward_passes"],
-                   "seconds": time.perf_counter() - start, "n_feature_nodes": meta.get("n_feature_nodes"),
-                   "method": args.method, "granularity": args.granularity, "task": args.task, "out": args.out}
+        summary.update({"n_graph_nodes": graph.n_nodes, "n_edges": graph.n_edges,
+                        "seconds": time.perf_counter() - start, "method": args.method,
+                        "granularity": args.granularity, "task": args.task, "out": args.out})
     if args.json:
         print(json.dumps(summary))
     else:
@@ -155,7 +192,9 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
         raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
     tokens = model.to_tokens(args.prompt, truncate=False)
     passes0 = rm.forward_passes
-    full = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=args.max_feature_nodes))
+    lcfg = LinearAttributionConfig() if args.max_feature_nodes is None else \
+        LinearAttributionConfig(max_feature_nodes=args.max_feature_nodes)
+    full = attribute_prompt(rm, tokens, lcfg)
     passes = rm.forward_passes - passes0
     graph = prune_graph(full, args.node_threshold, args.edge_threshold)
     full_scores, pruned_scores = scores_of(full), scores_of(graph)

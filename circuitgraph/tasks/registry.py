@@ -106,3 +106,25 @@ def make_dataset(
     pools = tp.HELDOUT_POOLS if split == "heldout" else tp.TRAIN_POOLS
     rng = random.Random(f"{name}:{split}:{seed}")
     return build_dataset(name, [task.generate(rng, pools) for _ in range(n)], model, task.metric_kind)
+
+
+def make_disjoint_dataset(name: str, model: HookedTransformer, n: int, exclude: TaskDataset, seed: int = 1,
+                          split: Split = "heldout") -> TaskDataset:
+    """``n`` prompts of task ``name`` none of which (clean prompt text) is in ``exclude``: the
+    held-out evaluation set of a circuit selected on ``exclude``. Deterministic in ``seed``."""
+    task = get_task(name)
+    if n <= 0:
+        raise TaskError(f"n={n}: the evaluation set would be empty; ask for at least one prompt")
+    pools = tp.HELDOUT_POOLS if split == "heldout" else tp.TRAIN_POOLS
+    rng = random.Random(f"{name}:{split}:{seed}:eval")
+    seen = set(exclude.prompts)
+    picked: list[tp.TaskInstance] = []
+    for _ in range(50 * n + 1000):
+        inst = task.generate(rng, pools)
+        if inst.prompt not in seen:
+            seen.add(inst.prompt)
+            picked.append(inst)
+            if len(picked) == n:
+                return build_dataset(name, picked, model, task.metric_kind)
+    raise TaskError(f"task {name!r} has only {len(picked)} prompts outside the {len(exclude)} selection prompts; "
+                    f"ask for fewer evaluation prompts (--eval-n {len(picked)} or less)")

@@ -1,0 +1,132 @@
+"""The clean and corrupted runs of a prompt dataset, made once and shared by scoring and ablation.
+
+Node scoring, edge scoring and every ablation run start from the same per-batch values: each
+site's latents and error terms on the clean and on the corrupted prompts, the metric on both, and
+which positions count. :class:`DatasetRuns` makes them with two forward passes per batch and keeps
+them; the ablation baselines (``patch``: the corrupted values; ``mean``: the mean clean value over
+the dataset's counted positions; ``zero``) are derived from them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.replacement.model import ReplacementModel
+from circuitgraph.tasks.dataset import TaskDataset
+from circuitgraph.tasks.metrics import gather_answer_logits, task_metric
+from dictionaries.distributed import sum_across_ranks, sum_float
+from dictionaries.site import Site
+
+AblationKind = Literal["patch", "mean", "zero"]
+ABLATIONS: tuple[str, ...] = ("patch", "mean", "zero")
+
+
+def metric_of(logits: torch.Tensor, ds: TaskDataset) -> torch.Tensor:
+    """``[B]`` the task metric of each prompt."""
+    return task_metric(gather_answer_logits(logits, ds.answer_pos), ds)
+
+
+def batches(ds: TaskDataset, size: int) -> list[TaskDataset]:
+    """``ds`` split into consecutive batches."""
+    return [ds.subset(slice(i, i + size)) for i in range(0, len(ds), size)]
+
+
+def position_mask(ds: TaskDataset, n_pos: int) -> torch.Tensor:
+    """``[n, P]`` 1 at positions 1..answer_pos of each prompt (where nodes are counted)."""
+    pos = torch.arange(n_pos)
+    return ((pos >= 1) & (pos.unsqueeze(0) <= ds.answer_pos.unsqueeze(1))).float()
+
+
+def position_offsets(ds: TaskDataset, n_pos: int) -> torch.Tensor:
+    """``[n, P]`` each position counted back from the prompt's answer position (clamped at 0)."""
+    return (ds.answer_pos.unsqueeze(1) - torch.arange(n_pos)).clamp(min=0)
+
+
+class BatchRun(NamedTuple):
+    """One batch's clean and corrupted values; tensors are ``[B, P, width]`` per site."""
+
+    ds: TaskDataset
+    clean_latents: dict[Site, torch.Tensor]
+    clean_errors: dict[Site, torch.Tensor]
+    corr_latents: dict[Site, torch.Tensor]
+    corr_errors: dict[Site, torch.Tensor]
+    mask: torch.Tensor
+    """``[B, P]`` float: 1 at positions 1..answer_pos (where nodes are counted)."""
+    offset: torch.Tensor
+    """``[B, P]`` int64: positions counted back from the answer position (clamped at 0)."""
+    metric_clean: torch.Tensor
+    """``[B]`` the metric of the clean prompts (the unablated spliced model = the model)."""
+    metric_corrupt: torch.Tensor
+    """``[B]`` the metric of the corrupted prompts."""
+
+
+class DatasetRuns:
+    """Clean and corrupted spliced runs of ``ds`` in batches of ``batch_size`` (two forward passes a batch)."""
+
+    def __init__(self, rm: ReplacementModel, ds: TaskDataset, batch_size: int = 32) -> None:
+        if len(ds) == 0:
+            raise CircuitGraphError("the prompt dataset is empty")
+        if batch_size < 1:
+            raise CircuitGraphError(f"batch size must be at least 1, got {batch_size}")
+        self.rm, self.ds, self.batch_size = rm, ds, batch_size
+        self.batches: list[BatchRun] = []
+        with torch.no_grad():
+            for b in batches(ds, batch_size):
+                clean, corr = rm.run(b.clean_tokens), rm.run(b.corrupted_tokens)
+                n_pos = b.clean_tokens.shape[1]
+                self.batches.append(BatchRun(
+                    b, {s: r.latents for s, r in clean.sites.items()}, {s: r.errors for s, r in clean.sites.items()},
+                    {s: r.latents for s, r in corr.sites.items()}, {s: r.errors for s, r in corr.sites.items()},
+                    position_mask(b, n_pos), position_offsets(b, n_pos),
+                    metric_of(clean.logits, b), metric_of(corr.logits, b)))
+        self.n_prompts = sum_float(float(len(ds)))
+        """Prompts over every rank (under torchrun each rank holds its shard)."""
+        self._means: tuple[dict, dict] | None = None
+
+    @property
+    def n_positions(self) -> int:
+        """Padded prompt length (the number of offsets a position-resolved node set needs)."""
+        return int(self.ds.clean_tokens.shape[1])
+
+    @property
+    def metric_clean(self) -> float:
+        """Mean clean metric over the prompts."""
+        return sum_float(sum(float(b.metric_clean.sum()) for b in self.batches)) / self.n_prompts
+
+    @property
+    def metric_corrupt(self) -> float:
+        """Mean corrupted metric over the prompts."""
+        return sum_float(sum(float(b.metric_corrupt.sum()) for b in self.batches)) / self.n_prompts
+
+    def means(self) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
+        """Mean clean latents and errors over the counted positions of every prompt."""
+        if self._means is None:
+            lat = {s: torch.zeros(d.cfg.d_dict) for s, d in self.rm.dicts.items()}
+            err = {s: torch.zeros(d.cfg.out_width) for s, d in self.rm.dicts.items()}
+            count = 0.0
+            for b in self.batches:
+                m = b.mask.unsqueeze(-1)
+                count += float(b.mask.sum())
+                for s in self.rm.dicts:
+                    lat[s] += (b.clean_latents[s] * m).sum((0, 1)).float()
+                    err[s] += (b.clean_errors[s] * m).sum((0, 1)).float()
+            count = max(sum_float(count), 1.0)
+            self._means = ({s: sum_across_ranks(t) / count for s, t in lat.items()},
+                           {s: sum_across_ranks(t) / count for s, t in err.items()})
+        return self._means
+
+    def baseline(self, kind: AblationKind, b: BatchRun) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
+        """The values ablated nodes take in batch ``b`` (latents, errors), ``[B, P, width]`` per site."""
+        if kind == "patch":
+            return b.corr_latents, b.corr_errors
+        if kind == "zero":
+            return ({s: torch.zeros_like(t) for s, t in b.clean_latents.items()},
+                    {s: torch.zeros_like(t) for s, t in b.clean_errors.items()})
+        if kind == "mean":
+            lat, err = self.means()
+            return ({s: lat[s].to(t.dtype).expand_as(t) for s, t in b.clean_latents.items()},
+                    {s: err[s].to(t.dtype).expand_as(t) for s, t in b.clean_errors.items()})
+        raise CircuitGraphError(f"unknown ablation {kind!r}; choose one of {', '.join(ABLATIONS)}")

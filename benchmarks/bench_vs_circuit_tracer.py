@@ -6,10 +6,19 @@ it is separate from the SAELens one):
     OMP_WAIT_POLICY=PASSIVE .venv-ct/bin/python benchmarks/bench_vs_circuit_tracer.py --threads 2
 
 A random 2-layer d_model-64 model (LayerNorm, GELU) and random ReLU transcoders (ln2 output ->
-MLP output, ~24 active features per token) are built once and given to both libraries. Both
-compute the full graph of a 64-token prompt (every active feature visited, up to 10 logits).
-Prints each time, the ratio (ours / circuit-tracer; target <= 0.5), and the largest difference
-between edge weights both define (feature -> feature and feature -> logit).
+MLP output, ~24 active features per token) are built once and given to both libraries, with the
+same prompt, up to 10 logits, the same batch size and thread count.
+
+* **equal work** (the ratio that counts): circuitgraph visits every feature with non-zero
+  influence; circuit-tracer is capped (``max_feature_nodes``) at that many features, and the
+  script checks that both visited the *same* feature set;
+* **defaults vs defaults** (labelled as such): each library with its own default feature budget
+  (ours 1,000 features, circuit-tracer every active feature) at the same batch size.
+
+Prints, per row, what each side did (features visited, batch, threads), the best-of-N times and
+their ratio; the replacement and completeness scores of both graphs computed with
+circuit-tracer's formulas (ours through ``scores_of``, theirs through ``compute_graph_scores``);
+and the largest difference between edge weights both define (feature -> feature and -> logit).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ def _tokenizer():
     return load_default().tokenizer  # the toy tokenizer (886 tokens, BOS 0); circuit-tracer needs one
 
 
-def ours(cfg, tc, tokens, batch):
+def ours(cfg, tc, tokens, batch, max_features: int = 10**9):
     from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
     from circuitgraph.replacement import ReplacementModel
     from dictionaries.architectures.registry import build_dictionary
@@ -61,14 +70,14 @@ def ours(cfg, tc, tokens, batch):
             d.b_dec.copy_(b_dec)
         dicts[Site(layer, "transcoder")] = d
     rm = ReplacementModel(model, dicts)
-    acfg = LinearAttributionConfig(max_feature_nodes=10**9, batch_size=batch, max_logits=10, progress=False)
+    acfg = LinearAttributionConfig(max_feature_nodes=max_features, batch_size=batch, max_logits=10, progress=False)
     attribute_prompt(rm, tokens[:, :8], acfg)  # warm-up
     t = time.perf_counter()
     graph = attribute_prompt(rm, tokens, acfg)
     return time.perf_counter() - t, graph, model
 
 
-def theirs(cfg, tc, tokens, batch):
+def theirs(cfg, tc, tokens, batch, max_features: int | None = None):
     from circuit_tracer import attribute
     from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
     from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
@@ -86,14 +95,24 @@ def theirs(cfg, tc, tokens, batch):
     model = TransformerLensReplacementModel.from_config(cfg, tset, tokenizer=_tokenizer())
     attribute(tokens[0, :8], model, max_n_logits=10, batch_size=batch, verbose=False)  # warm-up
     t = time.perf_counter()
-    graph = attribute(tokens[0], model, max_n_logits=10, batch_size=batch, max_feature_nodes=None, verbose=False)
+    graph = attribute(tokens[0], model, max_n_logits=10, batch_size=batch, max_feature_nodes=max_features, verbose=False)
     return time.perf_counter() - t, graph, model
+
+
+def visited_ids(ours_graph) -> set[str]:
+    """Feature nodes our engine visited (computed incoming edges for)."""
+    return {ours_graph.nodes[i].id for i in (~torch.isnan(ours_graph.bias)).nonzero().squeeze(1).tolist()
+            if ours_graph.nodes[i].kind == "feature"}
+
+
+def their_ids(ct_graph) -> list[str]:
+    af = ct_graph.active_features[ct_graph.selected_features]  # [n, 3] layer, pos, feature
+    return [f"L{int(layer)}.transcoder#{int(f)}@{int(p)}" for layer, p, f in af.tolist()]
 
 
 def compare_edges(ours_graph, ct_graph) -> tuple[int, float]:
     """Feature -> feature and feature -> logit edges defined by both: (count, max |difference| / max |weight|)."""
-    af = ct_graph.active_features[ct_graph.selected_features]  # [n, 3] layer, pos, feature
-    ct_ids = [f"L{int(layer)}.transcoder#{int(f)}@{int(p)}" for layer, p, f in af.tolist()]
+    ct_ids = their_ids(ct_graph)
     n_feat = len(ct_ids)
     n_layers, n_pos = ct_graph.cfg.n_layers, ct_graph.n_pos
     logit_start = n_feat + n_layers * n_pos + n_pos
@@ -101,8 +120,8 @@ def compare_edges(ours_graph, ct_graph) -> tuple[int, float]:
     ct_ids += [None] * (n_layers * n_pos + n_pos) + [f"logit#{t}@{n_pos - 1}" for t in tokens]
     adj = ct_graph.adjacency_matrix
     index = {node_id: i for i, node_id in enumerate(ct_ids) if node_id is not None}
-    visited = {ours_graph.nodes[i].id for i in (~torch.isnan(ours_graph.bias)).nonzero().squeeze(1).tolist()}
-    # rows both computed: circuit-tracer visits every active feature; we skip zero-influence ones
+    visited = visited_ids(ours_graph)
+    # rows both computed (equal-work runs visit the same features)
     rows = [i for i in range(n_feat) if ct_ids[i] in visited] + list(range(logit_start, adj.shape[0]))
     theirs = adj[rows][:, :n_feat].double()  # targets x source features
     mine = torch.zeros_like(theirs)
@@ -116,6 +135,34 @@ def compare_edges(ours_graph, ct_graph) -> tuple[int, float]:
     return int(both.sum()), rel
 
 
+def _row(label: str, args, cfg, tc, tokens, ours_max: int, theirs_max: int | None, batch: int,
+         batch_theirs: int | None = None) -> tuple:
+    from circuit_tracer.graph import compute_graph_scores
+
+    from circuitgraph.graph.pruning import scores_of
+
+    t_ours, t_ct = [], []
+    for _ in range(args.repeats):
+        a, g_ours, m_ours = ours(cfg, tc, tokens, batch, ours_max)
+        b, g_ct, m_ct = theirs(cfg, tc, tokens, batch_theirs or batch, theirs_max)
+        t_ours.append(a)
+        t_ct.append(b)
+    mine, their = visited_ids(g_ours), set(their_ids(g_ct))
+    count, rel = compare_edges(g_ours, g_ct)
+    s_ours = scores_of(g_ours)
+    rep_ct, comp_ct = (float(x) for x in compute_graph_scores(g_ct))
+    print(f"[{label}] batch ours {batch} / theirs {batch_theirs or batch}, threads {args.threads}")
+    print(f"  circuit-tracer: {min(t_ct):.3f} s (best of {args.repeats}); max_feature_nodes={theirs_max}; "
+          f"{len(their)} features visited; replacement {rep_ct:.3f}, completeness {comp_ct:.3f}")
+    print(f"  circuitgraph:   {min(t_ours):.3f} s (best of {args.repeats}); max_feature_nodes={ours_max}; "
+          f"{len(mine)} features visited; replacement {s_ours.replacement:.3f}, completeness {s_ours.completeness:.3f} "
+          f"(ours, nodes with inputs only: {s_ours.completeness_inputs_only:.3f})")
+    print(f"  same feature set: {mine == their} ({len(mine & their)} shared, {len(mine ^ their)} differ)")
+    print(f"  ratio ours / circuit-tracer: {min(t_ours) / min(t_ct):.2f}; shared edges compared: {count}, "
+          f"max |difference| / max |weight|: {rel:.2e}")
+    return g_ours, m_ours, m_ct
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -123,27 +170,27 @@ def main() -> None:
     ap.add_argument("--n-pos", type=int, default=64)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-defaults", action="store_true", help="skip the defaults-vs-defaults row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg, tc = build(args.d_transcoder, 0)
     tokens = torch.randint(1, cfg.d_vocab, (1, args.n_pos), generator=torch.Generator().manual_seed(1))
     tokens[0, 0] = 0
-    t_ours, t_ct = [], []
-    for _ in range(args.repeats):
-        a, g_ours, m_ours = ours(cfg, tc, tokens, args.batch)
-        b, g_ct, m_ct = theirs(cfg, tc, tokens, args.batch)
-        t_ours.append(a)
-        t_ct.append(b)
+    _, probe, _ = ours(cfg, tc, tokens, args.batch)
+    n_visit = len(visited_ids(probe))
+    n_active = sum(n.kind == "feature" for n in probe.nodes)
+    print(f"model: 2 layers, d_model 64, transcoders {args.d_transcoder} wide; prompt {args.n_pos} tokens; "
+          f"{n_active} active features, {n_visit} with non-zero influence; threads {args.threads}")
+    g, m_ours, m_ct = _row("equal work: same feature set, same batch", args, cfg, tc, tokens, 10**9, n_visit, args.batch)
     with torch.no_grad():
         same = float((m_ours(tokens) - HookedTransformer.forward(m_ct, tokens)).abs().max())
-    n_active = sum(n.kind == "feature" for n in g_ours.nodes)
-    count, rel = compare_edges(g_ours, g_ct)
-    print(f"model: 2 layers, d_model 64, transcoders {args.d_transcoder} wide; prompt {args.n_pos} tokens; "
-          f"{n_active} active features; threads {args.threads}; max logit difference of the two models {same:.2e}")
-    print(f"circuit-tracer: {min(t_ct):.3f} s (best of {args.repeats}), {g_ct.adjacency_matrix.shape[0]} nodes")
-    print(f"circuitgraph:   {min(t_ours):.3f} s (best of {args.repeats}), {g_ours.n_nodes} nodes, {g_ours.n_edges} edges")
-    print(f"ratio ours / circuit-tracer: {min(t_ours) / min(t_ct):.2f}   (target <= 0.5)")
-    print(f"shared edges compared: {count}; max |difference| / max |weight|: {rel:.2e}")
+    print(f"max logit difference of the two models: {same:.2e}")
+    if not args.no_defaults:
+        from circuitgraph.attribution.linear import LinearAttributionConfig
+
+        d = LinearAttributionConfig()
+        _row("defaults vs defaults (NOT equal work: each library's own feature budget and batch size)", args, cfg, tc,
+             tokens, d.max_feature_nodes, None, d.batch_size, 512)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from circuitgraph.attribution.ablation import Ablator, NodeSet  # noqa: E402
+from circuitgraph.attribution.ablation import Ablator, faithfulness_ratio  # noqa: E402
 from circuitgraph.attribution.circuit import select_top, smallest_circuit  # noqa: E402
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
 from circuitgraph.models.loading import DEFAULT_DICTS_DIR, load_default  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16,64")
     ap.add_argument("--groups", type=int, default=4, help="disjoint prompt groups per size (fewer when 64/n is less)")
     ap.add_argument("--target", type=float, default=0.8)
-    ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--budget", type=int, default=200, help="node budget (feature and error nodes counted alike)")
     ap.add_argument("--dicts", default=str(DEFAULT_DICTS_DIR), help="dictionary folder (default: the committed set)")
     ap.add_argument("--method", default="attribution", choices=["attribution", "ig"], help="node scores")
     args = ap.parse_args()
@@ -89,17 +89,16 @@ def main() -> None:
             for g in range(min(args.groups, 64 // n)):
                 ds = full.subset(slice(g * n, (g + 1) * n))
                 scores = score_nodes(rm, ds, acfg)
-                ablator = Ablator(rm, ds, "patch", 32)
-                found = smallest_circuit(ablator, scores, args.target, max_features=8192)
-                full_m, empty_m = ablator.metric(NodeSet.empty(rm)), ablator.metric(NodeSet.full(rm))
-                top = select_top(scores, args.budget).complement(rm)
-                at_budget.append((ablator.metric(top) - empty_m) / (full_m - empty_m))
-                needed.append(found.circuit.n_features() if found.reached else float("nan"))
+                ablator = Ablator(rm, scores.runs, "patch")
+                found = smallest_circuit(ablator, scores, args.target, max_nodes=8192)
+                top = select_top(scores, args.budget)
+                at_budget.append(faithfulness_ratio(ablator.metric(top), ablator.full(), ablator.empty()))
+                needed.append(found.circuit.n_nodes() if found.reached else float("nan"))
             row = {"task": task, "method": args.method, "n_prompts": n, "groups": len(needed),
-                   "features_for_target_median": statistics.median(needed),
-                   "features_per_prompt": round(statistics.median(needed) / n, 1),
-                   f"faithfulness_at_{args.budget}_median": round(statistics.median(at_budget), 3),
-                   "features_for_target": needed, f"faithfulness_at_{args.budget}": [round(x, 3) for x in at_budget]}
+                   "nodes_for_target_median": statistics.median(needed),
+                   "nodes_per_prompt": round(statistics.median(needed) / n, 1),
+                   f"faithfulness_at_{args.budget}_nodes_median": round(statistics.median(at_budget), 3),
+                   "nodes_for_target": needed, f"faithfulness_at_{args.budget}_nodes": [round(x, 3) for x in at_budget]}
             rows.append(row)
             print(json.dumps(row), flush=True)
 

@@ -93,7 +93,8 @@ def relu_copy(d):
 
 
 @pytest.mark.slow
-def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default_dicts):
+@pytest.mark.parametrize("baseline", ["patch", "mean"])
+def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default_dicts, baseline):
     """Integrated gradients of one site (every feature and its error, other sites clean, downstream
     re-encoded) sum to the exact effect of patching the whole site to its corrupted values. The
     dictionaries are continuous (ReLU copies of the committed ones): with TopK dictionaries
@@ -102,9 +103,9 @@ def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default
     rm = ReplacementModel(default_model, {s: relu_copy(d) for s, d in default_dicts.items()
                                           if s.kind in ("attn_z", "transcoder")})
     ds = make_dataset("ioi", default_model, n=8, seed=1)
-    sc = score_nodes(rm, ds, DatasetAttributionConfig("ig", ig_steps=32, progress=False))
-    ap = score_nodes(rm, sc.runs, DatasetAttributionConfig("attribution", progress=False))
-    ab = Ablator(rm, sc.runs, "patch")
+    sc = score_nodes(rm, ds, DatasetAttributionConfig("ig", ig_steps=32, progress=False, baseline=baseline))
+    ap = score_nodes(rm, sc.runs, DatasetAttributionConfig("attribution", progress=False, baseline=baseline))
+    ab = Ablator(rm, sc.runs, baseline)  # scores are computed against the ablation the test runs
     full = ab.full()
     d = {s: rm.dicts[s].cfg.d_dict for s in rm.sites}
     worst_ig, worst_ap = 0.0, 0.0

@@ -40,8 +40,11 @@ def test_graph_scores_exact():
     s = graph_scores(g.sources, g.targets, g.weights, g.target_weights,
                      torch.tensor([1, 0, 0, 0, 0], dtype=torch.bool), torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool))
     assert abs(s.replacement - 0.875 / (0.875 + 0.125)) < 1e-9
-    # nodes with inputs: f1 (influence .75, no error input), f2 (.25, half error), logit (output weight 1, none)
-    assert abs(s.completeness - (0.75 + 0.25 * 0.5 + 1.0) / 2.0) < 1e-9
+    # circuit-tracer's formula, every node: tok (.875) and err (.125) have no inputs and count as explained,
+    # f1 (.75, no error input), f2 (.25, half error), logit (output weight 1, none)
+    assert abs(s.completeness - (0.875 + 0.125 + 0.75 + 0.25 * 0.5 + 1.0) / 3.0) < 1e-9
+    # ours, nodes with inputs only
+    assert abs(s.completeness_inputs_only - (0.75 + 0.25 * 0.5 + 1.0) / 2.0) < 1e-9
 
 
 def test_cumulative_keep():

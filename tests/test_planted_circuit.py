@@ -8,9 +8,12 @@ L1.head1 reads L0.head0's output; both write where nothing reads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from circuitgraph.attribution.acdc import AcdcConfig
 from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 from circuitgraph.tasks.dataset import TaskDataset
 
@@ -69,20 +72,30 @@ def test_ig_recovers_exactly_the_planted_edges():
 
 
 def test_acdc_recovers_exactly_the_planted_edges():
+    """Plain ACDC (every edge tested alone) and the guided search both find exactly the planted
+    edges; the guided one with fewer evaluations, measured by running both."""
     model, ds = planted_model(), planted_dataset()
-    graph, meta = trace_components(model, ds, ComponentCircuitConfig("acdc", tau=0.01, skip_fraction=0.0, progress=False))
+    graph, plain = trace_components(model, ds, ComponentCircuitConfig("acdc", acdc=AcdcConfig.plain(0.01),
+                                                                      progress=False))
     assert _edges(graph) == PLANTED
-    assert abs(meta["faithfulness"] - 1.0) < 1e-5 and abs(meta["completeness"] - 1.0) < 1e-5
-    # plain ACDC: every edge tested; with skip_fraction 0 that is what ran
-    assert meta["forward_passes"] >= meta["plain_acdc_forward_passes"]
+    assert abs(plain["faithfulness"] - 1.0) < 1e-5 and abs(plain["completeness"] - 1.0) < 1e-5
+    assert plain["acdc_tested"] == plain["acdc_candidates"] == 13 and plain["acdc_evaluations"] == 13
+    graph, guided = trace_components(model, ds, ComponentCircuitConfig("acdc", acdc=AcdcConfig(0.01, keep_factor=math.inf),
+                                                                       progress=False))
+    assert _edges(graph) == PLANTED
+    # the 10 zero-attribution edges form the low group (one verifying evaluation passes); 3 tested
+    assert guided["acdc_low_group"] == 10 and guided["acdc_rescued"] == 0 and guided["acdc_tested"] == 3
+    assert guided["acdc_evaluations"] == 4 < plain["acdc_evaluations"]
 
 
-def test_acdc_skips_untested_edges_with_attribution():
+def test_acdc_low_group_that_fails_its_test_is_split():
+    """With a tau high enough that the planted edges are 'low', the low group's joint test fails and
+    the split finds them again: nothing is removed untested."""
     model, ds = planted_model(), planted_dataset()
-    _, meta = trace_components(model, ds, ComponentCircuitConfig("acdc", tau=0.01, progress=False))
-    assert meta["acdc_tested"] == 3  # only the planted edges have non-zero attribution
-    # 2 baselines + 1 skip check + 3 tests + 2 final scores, against 13 edges + 4 for plain ACDC
-    assert meta["forward_passes"] == 8 and meta["plain_acdc_forward_passes"] == 17
+    graph, meta = trace_components(model, ds, ComponentCircuitConfig("acdc", acdc=AcdcConfig(0.01, skip_fraction=1e6),
+                                                                     progress=False))
+    assert meta["acdc_low_group"] == 13 and meta["acdc_rescued"] == 3
+    assert _edges(graph) == PLANTED
 
 
 def test_component_hooks_restored():

@@ -12,7 +12,7 @@ import torch
 
 from circuitgraph.graph.graph import Graph
 
-ARGS = ["trace", "--task", "greater_than", "--n", "12", "--method", "acdc", "--tau", "0.01", "--max-feature-nodes", "60",
+ARGS = ["trace", "--task", "greater_than", "--n", "12", "--method", "acdc", "--tau", "0.01", "--max-feature-nodes", "60", "--eval-n", "12",
         "--batch-size", "4", "--describe-seqs", "0", "--json"]
 
 

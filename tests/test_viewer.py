@@ -131,3 +131,16 @@ def test_report_pictures(default_model, default_dicts, tmp_path, capsys):
     assert main(["report", "--dicts", "circuitgraph/models/default_dicts", "--n-seq", "2", "--density-seqs", "4",
                  "--seq-len", "32", "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().count("<svg") == 1 + 1 + 16
+
+
+def test_header_shows_the_honest_numbers():
+    g = hostile_graph()
+    g.metadata.update({"n_nodes": 5, "n_feature_nodes": 4, "n_error_nodes": 1, "held_out": True, "eval_n_prompts": 64,
+                       "faithfulness": 0.824, "faithfulness_features_only": 0.189, "faithfulness_errors_only": 0.212,
+                       "ceiling": 0.357, "completeness": 1.003})
+    data = json.loads(re.search(r'id="cg-data">(.*?)</script>', render_html(g), re.S).group(1))
+    s = data["summary"]
+    assert "circuit 5 nodes = 4 features + 1 error nodes" in s and "64 held-out prompts" in s
+    for text in ("faithfulness 0.824", "faithfulness features only 0.189", "faithfulness errors only 0.212",
+                 "ceiling 0.357", "completeness 1.003"):
+        assert text in s

@@ -58,7 +58,7 @@ class AcdcConfig:
     keep_factor: float = 4.0
     """Candidates scored at or above ``keep_factor`` times the threshold are kept untested; ``inf``: none."""
     group_size: int = 8
-    """First group size of adaptive group testing; 1 tests candidates one by one."""
+    """First group size of adaptive group testing; 1 tests candidates one by one throughout."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tau) and self.tau > 0):
@@ -158,7 +158,8 @@ def acdc_search(candidates: list[Candidate], initial: State, extend: Callable[[S
         group = [c for c in group if c.group == group[0].group]  # a group never spans two sites
         ok = try_group(group)
         i += len(group)
-        size = min(size * 2, 256) if ok else max(1, size // 4)
+        if cfg.group_size > 1:  # group_size 1: one by one throughout (plain ACDC)
+            size = min(size * 2, 256) if ok else max(1, size // 4)
     bar.close()
     return AcdcSearch(st["state"], kept, len(walk), len(no_op), len(low), rescued, len(rest), len(kept_untested),
                       st["evals"])

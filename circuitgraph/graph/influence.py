@@ -137,8 +137,11 @@ class GraphScores(NamedTuple):
     """Of the end-to-end influence on the outputs that reaches the graph's leaves, the fraction from
     token nodes rather than error nodes."""
     completeness: float
-    """The influence-weighted mean, over nodes, of the fraction of their direct input that does not
-    come from error nodes."""
+    """Circuit-tracer's completeness: the mean over *every* node (sources included, which count as
+    fully explained), weighted by influence on the outputs plus output weight, of the fraction of
+    the node's direct input that does not come from error nodes."""
+    completeness_inputs_only: float
+    """The same mean over the nodes that have inputs only (ours; sources do not dilute it)."""
 
 
 def graph_scores(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, output_weights: torch.Tensor,
@@ -156,6 +159,9 @@ def graph_scores(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Te
     from_error.index_add_(0, rows[err_edges], coo.values()[err_edges])
     has_input = torch.zeros(n, dtype=torch.bool)
     has_input[rows] = True
-    weight = (inf + output_weights.double()) * has_input
-    completeness = float(((1 - from_error) * weight).sum() / weight.sum()) if float(weight.sum()) > 0 else 0.0
-    return GraphScores(replacement, completeness)
+    every = inf + output_weights.double()
+
+    def mean(weight: torch.Tensor) -> float:
+        return float(((1 - from_error) * weight).sum() / weight.sum()) if float(weight.sum()) > 0 else 0.0
+
+    return GraphScores(replacement, mean(every), mean(every * has_input))

@@ -158,11 +158,27 @@ def render_html(g: Graph, max_nodes: int = 500, title: str = "circuitgraph") -> 
     html = re.sub(r"<link[^>]*\bhref=\"https?://[^\"]*\"[^>]*/?>", "", html)
     meta = shown.metadata
     summary = (f"{title}: {shown.n_nodes} nodes, {shown.n_edges} edges"
-               + (f" (pruned from {g.n_nodes} nodes)" if shown is not g else "")
-               + "".join(f"; {k} {meta[k]:.3f}" for k in ("faithfulness", "completeness") if isinstance(meta.get(k), float)))
+               + (f" (pruned from {g.n_nodes} nodes)" if shown is not g else "") + _honest_numbers(meta))
     data = {"nodes": cards, "summary": summary, "max_weight": max_w, "n_nodes": shown.n_nodes, "n_edges": shown.n_edges}
     blob = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return html.replace("</body>", _PANEL.replace("__DATA__", blob) + "</body>")
+
+
+HONEST_KEYS = ("faithfulness", "faithfulness_features_only", "faithfulness_errors_only", "ceiling", "completeness",
+               "replacement_score", "completeness_score")
+
+
+def _honest_numbers(meta: dict) -> str:
+    """The circuit's node counts and scores as the header shows them (held-out when it was)."""
+    parts = []
+    if isinstance(meta.get("n_nodes"), int) and "n_error_nodes" in meta:
+        parts.append(f"circuit {meta['n_nodes']} nodes = {meta['n_feature_nodes']} features + "
+                     f"{meta['n_error_nodes']} error nodes")
+    if "held_out" in meta:
+        parts.append(f"evaluated on {meta.get('eval_n_prompts')} held-out prompts" if meta["held_out"]
+                     else "evaluated on the selection prompts")
+    parts += [f"{k.replace('_', ' ')} {meta[k]:.3f}" for k in HONEST_KEYS if isinstance(meta.get(k), float)]
+    return "".join(f"; {p}" for p in parts)
 
 
 def to_html(g: Graph, path: str | Path, max_nodes: int = 500) -> Path:

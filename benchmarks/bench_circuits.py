@@ -12,7 +12,8 @@ features-only ceiling (every feature kept, every error ablated), completeness, t
 faithfulness, and the work done: forward passes of the whole trace and, for ACDC, the metric
 evaluations of the search. ``plain_acdc`` is measured, not computed: every candidate whose
 ablation changes anything is tested alone (the no-op candidates, whose clean value equals the
-ablated one, are removed as one verified group on both sides).
+ablated one, are removed as one verified group on both sides). ACDC rows have no node budget
+unless ``--acdc-max-nodes`` is given (their size is set by tau; a capped set is one ACDC never tested).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="selection prompts (and as many held-out ones)")
     ap.add_argument("--max-nodes", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.002)
+    ap.add_argument("--acdc-max-nodes", type=int, default=None,
+                    help="node budget for ACDC rows (default: none; ACDC's size is set by tau, and a capped set is one "
+                         "ACDC never tested)")
     ap.add_argument("--dicts", default=str(DEFAULT_DICTS_DIR))
     ap.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
                     help="feature nodes aggregated over positions, or one per offset from the answer position")
@@ -60,14 +64,15 @@ def main() -> None:
         held = make_disjoint_dataset(task, model, args.n, ds, seed=1)
         for method in args.methods.split(","):
             acdc = AcdcConfig.plain(args.tau) if method == "plain_acdc" else AcdcConfig(args.tau)
-            cfg = CircuitConfig("acdc" if "acdc" in method else method, args.max_nodes, progress=False,
+            budget = (args.acdc_max_nodes or 10**9) if "acdc" in method else args.max_nodes
+            cfg = CircuitConfig("acdc" if "acdc" in method else method, budget, progress=False,
                                 positions=args.positions, acdc=acdc)
             res = trace_dataset(rm, ds, cfg, held)
             e, m = res.evaluation, res.graph.metadata
             row = {"task": task, "method": method, **e.to_dict(), "selection_faithfulness": res.selection.faithfulness,
                    "forward_passes": res.forward_passes, "acdc_evaluations": m.get("acdc_evaluations"),
                    "acdc_candidates_changed": (m["acdc_candidates"] - m["acdc_no_op"]) if "acdc" in method else None,
-                   "acdc_rescued": m.get("acdc_rescued"), "acdc_suspicious": m.get("acdc_suspicious"),
+                   "acdc_rescued": m.get("acdc_rescued"), "acdc_nodes_found": m.get("acdc_nodes_found"), "acdc_suspicious": m.get("acdc_suspicious"),
                    "acdc_capped": m.get("acdc_capped", False), "seconds": res.seconds}
             if args.json:
                 print(json.dumps(row), flush=True)

@@ -178,9 +178,9 @@ def main() -> None:
     tokens[0, 0] = 0
     _, probe, _ = ours(cfg, tc, tokens, args.batch)
     n_visit = len(visited_ids(probe))
-    n_active = sum(n.kind == "feature" for n in probe.nodes)
     print(f"model: 2 layers, d_model 64, transcoders {args.d_transcoder} wide; prompt {args.n_pos} tokens; "
-          f"{n_active} active features, {n_visit} with non-zero influence; threads {args.threads}")
+          f"{n_visit} active features with non-zero influence (ours visits only these; circuit-tracer's default "
+          f"visits every active feature, see its row); threads {args.threads}")
     g, m_ours, m_ct = _row("equal work: same feature set, same batch", args, cfg, tc, tokens, 10**9, n_visit, args.batch)
     with torch.no_grad():
         same = float((m_ours(tokens) - HookedTransformer.forward(m_ct, tokens)).abs().max())

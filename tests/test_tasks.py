@@ -92,3 +92,16 @@ def test_bad_input_errors(default_model) -> None:
     two_tokens = TaskInstance("When Mary", (" Mary John",), (" John",), "When John", "")
     with pytest.raises(TaskError, match="not one"):
         build_dataset("custom", [two_tokens], default_model, "logit_diff")
+
+
+def test_held_out_prompts_are_disjoint_and_deterministic(default_model) -> None:
+    from circuitgraph.tasks.registry import make_disjoint_dataset
+
+    sel = make_dataset("greater_than", default_model, n=64, seed=0)
+    a = make_disjoint_dataset("greater_than", default_model, 64, sel, seed=1)
+    b = make_disjoint_dataset("greater_than", default_model, 64, sel, seed=1)
+    assert a.prompts == b.prompts and len(set(a.prompts)) == 64
+    assert not set(a.prompts) & set(sel.prompts)
+    # another seed drawn as a plain dataset does repeat a selection prompt: the exclusion is doing work
+    plain = make_dataset("greater_than", default_model, n=64, seed=1)
+    assert set(plain.prompts) & set(sel.prompts)

@@ -117,11 +117,12 @@ class Ablator:
         return self.metric(AblatedNodes.every(self.d_dicts))
 
 
-def faithfulness_ratio(metric: float, full: float, empty: float) -> float:
-    """``(metric - empty) / (full - empty)``; a clear error when the span is (numerically) zero."""
+def faithfulness_ratio(metric: float, full: float, empty: float, unit: str = "node") -> float:
+    """``(metric - empty) / (full - empty)``; a clear error when the span is (numerically) zero
+    (``unit``: what the circuit is made of, for the message)."""
     span = full - empty
     if abs(span) < 1e-9:
-        raise CircuitGraphError("the metric does not change when every node is ablated; faithfulness is undefined "
+        raise CircuitGraphError(f"the metric does not change when every {unit} is ablated; faithfulness is undefined "
                                 "(try another ablation, e.g. --ablation mean)")
     return (metric - empty) / span
 

@@ -286,7 +286,7 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
     ablator = EdgeAblator(model, ds, cfg.ablation, cfg.batch_size)
     full = ablator.metric(torch.zeros_like(valid))
     empty = ablator.metric(valid)
-    faithfulness_ratio(full, full, empty)  # a clear error when ablating every edge changes nothing
+    faithfulness_ratio(full, full, empty, "edge")  # a clear error when ablating every edge changes nothing
     extra = {}
     if cfg.method == "acdc":
         cands = [Candidate(r, sc.receivers[r].order, abs(float(sc.scores[r, s])), (r, s))

@@ -99,6 +99,9 @@ def test_corrupt_graph_files(tmp_path):
     assert h.labels == g.labels and torch.equal(h.weights, g.weights)
     data = (tmp_path / "g" / "graph.safetensors").read_bytes()
     (tmp_path / "g" / "graph.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CircuitGraphError, match="does not match its recorded digest"):
+        Graph.load(tmp_path / "g")
+    (tmp_path / "g" / "manifest.json").unlink()  # a folder without a manifest (an older release's)
     with pytest.raises(CircuitGraphError, match="corrupt or truncated"):
         Graph.load(tmp_path / "g")
     with pytest.raises(CircuitGraphError, match="missing"):

@@ -57,14 +57,17 @@ def _decoder_directions(g, enabled: bool):
 def run_supernodes(args: argparse.Namespace) -> int:
     from circuitgraph.features.supernodes import collapse, expand, find_supernodes
     from circuitgraph.graph.graph import Graph
+    from circuitgraph.graph.storage import check_distinct, check_writable
 
+    check_distinct(args.out, args.graph, args.expand)
+    check_writable(args.out)
+    if not args.expand and not 0 < args.threshold <= 1:
+        raise CircuitGraphError(f"--threshold {args.threshold}: use a similarity in (0, 1]")
     g = Graph.load(args.graph)
     if args.expand:
         out = expand(g, Graph.load(args.expand))
         summary = {"n_nodes": out.n_nodes, "n_edges": out.n_edges, "out": args.out}
     else:
-        if not 0 < args.threshold <= 1:
-            raise CircuitGraphError(f"--threshold {args.threshold}: use a similarity in (0, 1]")
         groups = find_supernodes(g, args.threshold, _decoder_directions(g, not args.no_decoders), min_size=args.min_size)
         out = collapse(g, groups)
         summary = {"n_nodes": out.n_nodes, "n_edges": out.n_edges, "n_supernodes": len(groups),

@@ -129,9 +129,11 @@ def _acdc_config(args: argparse.Namespace):
 
 
 def run_trace(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_writable
     from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     start = time.perf_counter()
+    check_writable(args.out)  # before any work: a bad --out must not cost a whole trace
     if args.eval_n < 0:
         raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
     acdc = _acdc_config(args)
@@ -177,7 +179,9 @@ def run_trace(args: argparse.Namespace) -> int:
                         "seconds": time.perf_counter() - start, "method": args.method,
                         "granularity": args.granularity, "task": args.task, "out": args.out})
     if args.json:
-        print(json.dumps(summary))
+        from circuitgraph.graph.graph import json_safe
+
+        print(json.dumps(json_safe(summary), allow_nan=False))
     else:
         for k, v in summary.items():
             print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
@@ -204,8 +208,7 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
                            "pruned_completeness_score": pruned_scores.completeness})
     describe_into(graph, rm, args, tokens)
     _ablation_effects_into(graph, rm, tokens)
-    graph.save(args.out)
-    full.save(f"{args.out}/full")
+    graph.save(args.out, children={"full": full})
     return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
             "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
             "full_nodes": full.n_nodes, "full_edges": full.n_edges, "forward_passes": passes,
@@ -252,6 +255,8 @@ def run_query(args: argparse.Namespace) -> int:
     from circuitgraph.graph.graph import Graph
     from circuitgraph.graph.query import NodeFilter, downstream, paths, top_features, upstream
 
+    if args.top_k < 1 or args.depth < 1:
+        raise CircuitGraphError(f"--top-k and --depth must be at least 1 (got {args.top_k}, {args.depth})")
     g = Graph.load(args.graph)
     where = NodeFilter(args.layer, args.site, args.pos, args.kind)
     if args.paths:
@@ -266,7 +271,9 @@ def run_query(args: argparse.Namespace) -> int:
     else:
         rows = [r._asdict() for r in top_features(g, args.top_features, args.top_k, where)]
     if args.json:
-        print(json.dumps(rows))
+        from circuitgraph.graph.graph import json_safe
+
+        print(json.dumps(json_safe(rows), allow_nan=False))
     else:
         for r in rows:
             sys.stdout.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()) + "\n")
@@ -275,8 +282,11 @@ def run_query(args: argparse.Namespace) -> int:
 
 def run_view(args: argparse.Namespace) -> int:
     from circuitgraph.graph.graph import Graph
+    from circuitgraph.graph.storage import check_distinct, check_writable
     from circuitgraph.viewer.html import to_html
 
+    check_distinct(args.out, args.graph)
+    check_writable(args.out, is_file=True)
     path = to_html(Graph.load(args.graph), args.out, args.max_nodes)
     print(path)
     if args.open:
@@ -288,7 +298,10 @@ def run_view(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from circuitgraph.graph.graph import Graph
+    from circuitgraph.graph.storage import check_distinct, check_writable
     from circuitgraph.viewer.export import export_graph
 
+    check_distinct(args.out, args.graph)
+    check_writable(args.out, is_file=True)
     print(export_graph(Graph.load(args.graph), args.out, args.format))
     return 0

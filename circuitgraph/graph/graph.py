@@ -10,7 +10,7 @@ for a dataset graph, the attribution score of the edge. On disk a graph is a fol
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.nodes import Node, parse_node_id
+from circuitgraph.graph.storage import resolve_version, save_versioned, verify_manifest
 
 FORMAT_VERSION = 1
 
@@ -145,10 +146,13 @@ class Graph:
         )
 
     # --- persistence ---------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Write ``graph.json`` + ``graph.safetensors`` into ``folder`` (atomically, file by file)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def save(self, folder: str | Path, children: dict[str, Graph] | None = None) -> Path:
+        """Write ``graph.json`` + ``graph.safetensors`` (+ ``features.json``, + each child graph in a
+        sub-folder, e.g. a prompt trace's unpruned ``full/``) as one new version of ``folder``,
+        switched in atomically (:mod:`circuitgraph.graph.storage`)."""
+        return save_versioned(folder, lambda tmp: self._write(tmp, children or {}))
+
+    def _write(self, folder: Path, children: dict[str, Graph]) -> None:
         tensors = {
             "activation": self.activation.float().contiguous(),
             "sources": self.sources.long().contiguous(),
@@ -160,24 +164,23 @@ class Graph:
             tensors["bias"] = self.bias.float().contiguous()
         if self.node_scores is not None:
             tensors["node_scores"] = self.node_scores.float().contiguous()
-        tmp = folder / "graph.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, folder / "graph.safetensors")
+        save_file(tensors, str(folder / "graph.safetensors"))
         doc = {"format_version": FORMAT_VERSION, "nodes": [n.to_dict() for n in self.nodes],
                "labels": self.labels, "metadata": self.metadata}
-        tmp = folder / "graph.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, folder / "graph.json")
+        (folder / "graph.json").write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False))
         if self.features:
-            tmp = folder / "features.json.tmp"
-            tmp.write_text(json.dumps(self.features))
-            os.replace(tmp, folder / "features.json")
-        return folder
+            (folder / "features.json").write_text(json.dumps(json_safe(self.features), allow_nan=False))
+        for name, child in children.items():
+            (folder / name).mkdir()
+            child._write(folder / name, {})
 
     @classmethod
     def load(cls, folder: str | Path) -> Graph:
-        """Read a folder written by :meth:`save`; corrupt or missing files give a clear error."""
-        folder = Path(folder)
+        """Read a folder written by :meth:`save`; corrupt or missing files give a clear error. The
+        folder's current version is resolved once, so a concurrent save cannot mix two versions."""
+        folder = resolve_version(Path(folder))
+        if folder.is_dir():
+            verify_manifest(folder)
         jpath, tpath = folder / "graph.json", folder / "graph.safetensors"
         for p in (jpath, tpath):
             if not p.is_file():
@@ -199,6 +202,11 @@ class Graph:
                 features = json.loads((folder / "features.json").read_text())
             except json.JSONDecodeError as err:
                 raise CircuitGraphError(f"{folder / 'features.json'} is corrupt ({err}); re-run the trace") from err
+        for name, tensor in t.items():  # bias is NaN by design where a node is not a target
+            values = tensor[~torch.isnan(tensor)] if name == "bias" else tensor
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                raise CircuitGraphError(f"{tpath} holds NaN or infinite values in '{name}'; the graph is corrupt, "
+                                        "re-run the trace that wrote it")
         try:
             return cls(nodes=nodes, activation=t["activation"], sources=t["sources"], targets=t["targets"],
                        weights=t["weights"], target_weights=t["target_weights"], labels=doc.get("labels", []),
@@ -218,3 +226,14 @@ class Graph:
         for s, t, w in zip(self.sources.tolist(), self.targets.tolist(), self.weights.tolist(), strict=True):
             g.add_edge(ids[s], ids[t], weight=w)
         return g
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -111,6 +112,18 @@ class TrainConfig:
     """Whole sequences per step on which the end-to-end KL term is computed."""
 
     def __post_init__(self) -> None:
+        for name in ("expansion", "k", "tokens", "batch_tokens", "chunk_sequences", "model_batch", "checkpoint_every",
+                     "dead_after_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("lr", "l1_coeff", "l0_coeff", "aux_coeff", "grad_clip", "interaction_penalty", "e2e_kl_coeff",
+                     "decay_frac", "sparsity_warmup_frac", "interaction_warmup_frac"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        if min(self.l1_coeff, self.l0_coeff, self.aux_coeff) < 0 or self.warmup_steps < 0 or self.resample_every < 0:
+            raise ValueError("l1_coeff, l0_coeff, aux_coeff, warmup_steps and resample_every must be >= 0")
         if self.tokens < self.batch_tokens:
             raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
         if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac, self.interaction_warmup_frac)):

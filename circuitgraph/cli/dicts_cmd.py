@@ -96,10 +96,17 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_writable
+
+    check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
     model = resolve_model(args.model, device=args.device)
+    if not 2 <= args.seq_len <= model.cfg.n_ctx:
+        raise DictionaryError(f"--seq-len {args.seq_len}: use 2 to {model.cfg.n_ctx} (the model's context)")
     try:
         sites = expand_sites(args.sites, args.layers, model.cfg.n_layers)
         cfg = dataclass_from_flags(TrainConfig, args)
+        for site in sites:  # every dictionary's settings, checked before the first step
+            cfg.dictionary_config(site, *site.widths(model.cfg), model.cfg.model_name)
     except ValueError as err:
         raise DictionaryError(str(err)) from err
     source = token_source(args, model, seed=cfg.seed + 1)

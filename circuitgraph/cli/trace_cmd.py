@@ -145,8 +145,11 @@ def run_trace(args: argparse.Namespace) -> int:
         if args.granularity == "components":
             from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 
-            cfg = ComponentCircuitConfig(args.method, args.max_edges, acdc, ablation=args.ablation,
-                                         ig_steps=args.ig_steps, batch_size=args.batch_size)
+            try:
+                cfg = ComponentCircuitConfig(args.method, args.max_edges, acdc, ablation=args.ablation,
+                                             ig_steps=args.ig_steps, batch_size=args.batch_size)
+            except ValueError as err:
+                raise CircuitGraphError(f"{err}; check --max-edges / --ig-steps / --batch-size") from err
             graph, meta = trace_components(model, ds, cfg)
             summary = {k: meta[k] for k in ("faithfulness", "completeness", "n_circuit_edges", "forward_passes")}
         else:

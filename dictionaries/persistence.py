@@ -70,6 +70,10 @@ def load_dictionary(folder: str | Path, device: str = "cpu") -> SparseDictionary
             f"{w_path} does not match {cfg_path} (d_in={cfg.d_in}, d_dict={cfg.d_dict}): "
             f"missing or mis-shaped {bad[:4]} {got}; the files come from different dictionaries"
         )
+    bad_values = [k for k in expected if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad_values:
+        raise DictionaryError(f"{w_path} holds NaN or infinite values in {bad_values}; the dictionary is corrupt, "
+                              "retrain it or load another checkpoint")
     d.load_state_dict({k: state[k] for k in expected})
     d.eval()
     return d.to(device)
@@ -94,7 +98,11 @@ def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, Spars
             site = Site.parse(sub.name)
         except ValueError:
             continue
-        out[site] = load_dictionary(sub, device=device)
+        d = load_dictionary(sub, device=device)
+        if d.cfg.site and d.cfg.site != site.id:
+            raise DictionaryError(f"{sub}/{CFG_FILE} says this dictionary was trained for {d.cfg.site}, not {site.id}; "
+                                  f"move it to {root / d.cfg.site} or retrain it")
+        out[site] = d
     if not out:
         raise DictionaryError(f"{root} holds no dictionary folders named like L0.resid_post/")
     return out
@@ -102,7 +110,11 @@ def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, Spars
 
 def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> None:
     """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths."""
+    model_name = getattr(model_cfg, "model_name", "")
     for site, d in dicts.items():
+        if d.cfg.model_name and model_name and d.cfg.model_name != model_name:
+            raise DictionaryError(f"dictionary {site.id} was trained on model {d.cfg.model_name!r}, not {model_name!r}; "
+                                  "load dictionaries trained on this model")
         try:
             site.check_model(model_cfg)
         except ValueError as err:

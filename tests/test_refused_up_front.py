@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from circuitgraph.cli.main import main
 
@@ -42,3 +43,26 @@ def test_output_under_a_file_is_refused_first(tmp_path, capsys, argv):
     assert main([*argv, "--out", str(blocker / "out")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert blocker.read_text() == "keep me"
+
+
+def test_dictionary_folder_must_match_its_cfg_and_model(tmp_path, default_model, default_dicts):
+    import dataclasses
+
+    from dictionaries.errors import DictionaryError
+    from dictionaries.persistence import check_against_model, load_dictionaries, save_dictionary
+    from dictionaries.site import Site
+
+    d1 = default_dicts[Site(1, "resid_post")]
+    save_dictionary(d1, tmp_path / "wrong" / "L0.resid_post")  # layer-1 files in a layer-0 folder
+    with pytest.raises(DictionaryError, match="trained for L1.resid_post, not L0.resid_post"):
+        load_dictionaries(tmp_path / "wrong")
+    other = type(d1)(dataclasses.replace(d1.cfg, model_name="gpt2"))
+    with pytest.raises(DictionaryError, match="trained on model 'gpt2', not 'circuitgraph-toy'"):
+        check_against_model({Site(1, "resid_post"): other}, default_model.cfg)
+    nan = type(d1)(d1.cfg)
+    nan.load_state_dict(d1.state_dict())
+    with torch.no_grad():
+        nan.W_dec[0, 0] = float("nan")
+    save_dictionary(nan, tmp_path / "nan" / "L1.resid_post")
+    with pytest.raises(DictionaryError, match="NaN or infinite values in \\['W_dec'\\]"):
+        load_dictionaries(tmp_path / "nan")

@@ -9,16 +9,15 @@ so training step ``s`` always sees the same batch: runs are deterministic and re
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
+from dictionaries.atomic import atomic_save_file
 from dictionaries.token_sources import TokenSource
 
 
@@ -99,10 +98,7 @@ class ActivationStore:
             except (SafetensorError, OSError):
                 pass  # a torn or foreign shard is recomputed and overwritten
         acts = self._compute_chunk(index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({h: a.contiguous().cpu() for h, a in acts.items()}, str(tmp), metadata=self._shard_meta(index))
-        os.replace(tmp, path)
+        atomic_save_file({h: a.contiguous().cpu() for h, a in acts.items()}, path, metadata=self._shard_meta(index))
         return acts
 
     def _compute_chunk(self, index: int) -> dict[str, torch.Tensor]:

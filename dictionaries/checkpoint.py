@@ -8,13 +8,13 @@ one, never a torn file. Optimizer state is flattened into named tensors plus JSO
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from dictionaries.atomic import atomic_save_file
 
 _META_KEY = "circuitgraph_meta"
 
@@ -30,12 +30,8 @@ class Checkpoint(NamedTuple):
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomically write ``tensors`` and ``meta`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(flat, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_save_file(flat, path, metadata={_META_KEY: json.dumps(meta)})
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

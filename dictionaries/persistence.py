@@ -7,16 +7,16 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
+from dictionaries.atomic import atomic_save_file, atomic_write_text
 from dictionaries.config import DictionaryConfig
 from dictionaries.errors import DictionaryError
 from dictionaries.site import Site
@@ -25,21 +25,13 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_dictionary(d: SparseDictionary, folder: str | Path) -> Path:
     """Write one dictionary to ``folder`` (created); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in d.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    _atomic_write_text(folder / CFG_FILE, d.cfg.to_json())
+    atomic_save_file(state, folder / WEIGHTS_FILE)
+    atomic_write_text(folder / CFG_FILE, d.cfg.to_json())
     return folder
 
 

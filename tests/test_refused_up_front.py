@@ -66,3 +66,21 @@ def test_dictionary_folder_must_match_its_cfg_and_model(tmp_path, default_model,
     save_dictionary(nan, tmp_path / "nan" / "L1.resid_post")
     with pytest.raises(DictionaryError, match="NaN or infinite values in \\['W_dec'\\]"):
         load_dictionaries(tmp_path / "nan")
+
+
+def test_killed_writes_leave_no_lasting_temporaries_and_modes_are_0644(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from dictionaries.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"w": torch.ones(3)}, {"step": 1})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ckpt.safetensors.tmp{int(dead.stdout)}"  # what a kill during a write leaves
+    stale.write_bytes(b"x" * 4096)
+    save_checkpoint(path, {"w": torch.full((3,), 2.0)}, {"step": 2})
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    assert load_checkpoint(path).meta["step"] == 2

@@ -120,18 +120,20 @@ def test_trace_prompt_and_components(tmp_path, capsys):
     top = g.nodes[int(g.target_weights.argmax())].id
     rows = _json(capsys, ["query", str(tmp_path / "p"), "--upstream", top, "--json"])
     assert rows
-    c = _json(capsys, ["trace", "--granularity", "components", "--task", "ioi", "--n", "16", "--method", "attribution",
-                       "--max-edges", "40", "--out", str(tmp_path / "c"), "--json"])
-    assert c["n_edges"] == 40 and c["n_circuit_edges"] == 40
+    c = _json(capsys, ["trace", "--granularity", "components", "--task", "ioi", "--n", "16", "--eval-n", "16",
+                       "--method", "attribution", "--max-edges", "40", "--out", str(tmp_path / "c"), "--json"])
+    assert c["n_edges"] == 40 and c["n_circuit_edges"] == 40 and c["held_out"] and c["eval_n_prompts"] == 16
     from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
     from circuitgraph.models.loading import load_default
-    from circuitgraph.tasks.registry import make_dataset
+    from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     model = load_default()
-    _, meta = trace_components(model, make_dataset("ioi", model, n=16, seed=0),
-                               ComponentCircuitConfig("attribution", max_edges=40, progress=False))
-    assert c["faithfulness"] == pytest.approx(meta["faithfulness"], abs=1e-9)
-    assert c["completeness"] == pytest.approx(meta["completeness"], abs=1e-9)
+    ds = make_dataset("ioi", model, n=16, seed=0)
+    _, meta = trace_components(model, ds, ComponentCircuitConfig("attribution", max_edges=40, progress=False),
+                               make_disjoint_dataset("ioi", model, 16, ds, seed=1))
+    for key in ("faithfulness", "completeness", "selection_faithfulness", "selection_completeness"):
+        assert c[key] == pytest.approx(meta[key], abs=1e-9), key
+    assert c["faithfulness"] != c["selection_faithfulness"]  # two prompt sets, two measurements
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -102,3 +102,10 @@ def test_component_hooks_restored():
     model = planted_model()
     trace_components(model, planted_dataset(), ComponentCircuitConfig("attribution", progress=False))
     assert not model.cfg.use_split_qkv_input and not model.cfg.use_attn_result
+
+
+def test_empty_component_acdc_is_flagged(caplog):
+    model, ds = planted_model(), planted_dataset()
+    with caplog.at_level("WARNING"):
+        graph, meta = trace_components(model, ds, ComponentCircuitConfig("acdc", acdc=AcdcConfig(1e6), progress=False))
+    assert meta["n_circuit_edges"] == 0 and meta["acdc_suspicious"] & 1 and "kept no edge" in caplog.text

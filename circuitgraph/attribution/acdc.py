@@ -195,6 +195,11 @@ def changed_nodes(scores: NodeScores) -> AblatedNodes:
                         {s: sum_across_ranks(t) > 0 for s, t in errs.items()}, scores.resolved)
 
 
+def tiny_gap(full: float, empty: float) -> bool:
+    """Whether ablating everything moves the metric by under 0.1% of its size (every test passes)."""
+    return abs(full - empty) < 1e-3 * max(abs(full), abs(empty))
+
+
 def acdc_nodes(ablator: Ablator, scores: NodeScores, cfg: AcdcConfig | None = None,
                progress: bool = True) -> AcdcResult:
     """Node-level ACDC over every feature and error node (see the module docstring)."""
@@ -222,7 +227,7 @@ def acdc_nodes(ablator: Ablator, scores: NodeScores, cfg: AcdcConfig | None = No
         suspicious |= 1
         log.warning("ACDC kept no node: every ablation stayed below tau = %g of the metric gap; the circuit is empty",
                     cfg.tau)
-    if abs(full - empty) < 1e-6 * max(1.0, abs(full)):
+    if tiny_gap(full, empty):
         suspicious |= 2
         log.warning("the metric barely changes when every node is ablated (%.3g vs %.3g): ACDC's tests are trivial",
                     full, empty)

@@ -29,7 +29,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuitgraph.attribution.ablation import faithfulness_ratio
-from circuitgraph.attribution.acdc import AcdcConfig, Candidate, acdc_search
+from circuitgraph.attribution.acdc import AcdcConfig, Candidate, acdc_search, tiny_gap
 from circuitgraph.attribution.runs import AblationKind, batches, metric_of, position_mask
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
@@ -277,8 +277,20 @@ class ComponentCircuitConfig:
             raise ValueError("max_edges, ig_steps and batch_size must be at least 1")
 
 
-def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCircuitConfig | None = None) -> tuple[Graph, dict]:
-    """A component circuit and its metadata (faithfulness, completeness, forward passes)."""
+def _edge_scores(ablator: EdgeAblator, valid: torch.Tensor, keep: torch.Tensor, prefix: str = "") -> dict:
+    """Faithfulness and completeness of the kept edges on the ablator's prompts."""
+    full, empty = ablator.metric(torch.zeros_like(valid)), ablator.metric(valid)
+    m_c, m_wo = ablator.metric(valid & ~keep), ablator.metric(keep)
+    out = {"faithfulness": faithfulness_ratio(m_c, full, empty, "edge"),
+           "completeness": (full - m_wo) / (full - empty), "metric_full": full, "metric_empty": empty,
+           "metric_circuit": m_c, "metric_without_circuit": m_wo, "n_prompts": ablator.n_prompts}
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCircuitConfig | None = None,
+                     eval_ds: TaskDataset | None = None) -> tuple[Graph, dict]:
+    """A component circuit selected on ``ds`` and its metadata (faithfulness, completeness, forward
+    passes), evaluated on the held-out ``eval_ds`` when given (``selection_*``: on ``ds``)."""
     cfg = cfg or ComponentCircuitConfig()
     start = time.perf_counter()
     sc = edge_scores(model, ds, "ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size)
@@ -304,7 +316,7 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
         extra = {"acdc_tau": cfg.acdc.tau, "acdc_candidates": search.n_candidates, "acdc_low_group": search.n_low,
                  "acdc_rescued": search.n_rescued, "acdc_tested": search.n_tested,
                  "acdc_kept_untested": search.n_kept_untested, "acdc_evaluations": search.evaluations,
-                 "acdc_suspicious": int(keep.sum() == 0)}
+                 "acdc_suspicious": int(keep.sum() == 0) | (2 if tiny_gap(full, empty) else 0)}
         if not keep.any():
             log.warning("ACDC kept no edge: every ablation stayed below tau = %g of the metric gap", cfg.acdc.tau)
     else:
@@ -313,14 +325,15 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[flat.topk(k).indices] = True
         keep = keep.view_as(valid)
-    m_c = ablator.metric(valid & ~keep)
-    m_wo = ablator.metric(keep)
+    selection = _edge_scores(ablator, valid, keep)
+    held_ablator = EdgeAblator(model, eval_ds, cfg.ablation, cfg.batch_size) if eval_ds is not None else None
+    held = _edge_scores(held_ablator, valid, keep) if held_ablator is not None else selection
     graph = _component_graph(sc, keep, ds.metric_kind)
-    meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "n_prompts": len(ds),
-            "ablation": cfg.ablation, "faithfulness": faithfulness_ratio(m_c, full, empty),
-            "completeness": faithfulness_ratio(full, full, empty) - faithfulness_ratio(m_wo, full, empty),
-            "metric_full": full, "metric_empty": empty, "metric_circuit": m_c, "metric_without_circuit": m_wo,
-            "n_circuit_edges": int(keep.sum()), "forward_passes": ablator.forward_passes,
+    meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "ablation": cfg.ablation,
+            "held_out": eval_ds is not None, **{k: v for k, v in held.items() if k != "n_prompts"},
+            "eval_n_prompts": held["n_prompts"], **{f"selection_{k}": v for k, v in selection.items()},
+            "n_prompts": len(ds), "n_circuit_edges": int(keep.sum()),
+            "forward_passes": ablator.forward_passes + (held_ablator.forward_passes if held_ablator else 0),
             "seconds": time.perf_counter() - start, **extra}
     graph.metadata.update(meta)
     return graph, meta

@@ -142,6 +142,7 @@ def run_trace(args: argparse.Namespace) -> int:
         summary = _trace_prompt(args, model, rm)
     else:
         ds = make_dataset(args.task, model, n=args.n, seed=args.seed)
+        eval_ds = make_disjoint_dataset(args.task, model, args.eval_n, ds, args.eval_seed) if args.eval_n else None
         if args.granularity == "components":
             from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 
@@ -150,8 +151,8 @@ def run_trace(args: argparse.Namespace) -> int:
                                              ig_steps=args.ig_steps, batch_size=args.batch_size)
             except ValueError as err:
                 raise CircuitGraphError(f"{err}; check --max-edges / --ig-steps / --batch-size") from err
-            graph, meta = trace_components(model, ds, cfg)
-            summary = {k: meta[k] for k in ("faithfulness", "completeness", "n_circuit_edges", "forward_passes")}
+            graph, meta = trace_components(model, ds, cfg, eval_ds)
+            summary = dict(meta)
         else:
             from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
             from dictionaries import distributed
@@ -164,15 +165,14 @@ def run_trace(args: argparse.Namespace) -> int:
                                     positions=args.positions, acdc=acdc)
             except ValueError as err:
                 raise CircuitGraphError(f"{err}; check --method / --max-nodes / --target-faithfulness") from err
-            eval_ds = make_disjoint_dataset(args.task, model, args.eval_n, ds, args.eval_seed) if args.eval_n else None
             graph = trace_dataset(rm, ds, cfg, eval_ds).graph
             meta = graph.metadata
             if not distributed.is_main():
                 return 0
             summary = {k: v for k, v in meta.items() if k not in ("prompts", "eval_prompts", "budgets_tried", "sites")}
-            if meta.get("acdc_suspicious"):
-                print(f"warning: ACDC result is suspicious (flag {meta['acdc_suspicious']}: 1 = empty circuit, "
-                      "2 = tiny metric gap)", file=sys.stderr)
+        if meta.get("acdc_suspicious"):
+            print(f"warning: ACDC result is suspicious (flag {meta['acdc_suspicious']}: 1 = empty circuit, "
+                  "2 = tiny metric gap)", file=sys.stderr)
         graph.metadata["model"] = args.model
         graph.metadata["dicts"] = args.dicts
         if rm is not None:

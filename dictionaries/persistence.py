@@ -104,9 +104,6 @@ def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> No
     """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths."""
     model_name = getattr(model_cfg, "model_name", "")
     for site, d in dicts.items():
-        if d.cfg.model_name and model_name and d.cfg.model_name != model_name:
-            raise DictionaryError(f"dictionary {site.id} was trained on model {d.cfg.model_name!r}, not {model_name!r}; "
-                                  "load dictionaries trained on this model")
         try:
             site.check_model(model_cfg)
         except ValueError as err:
@@ -117,6 +114,9 @@ def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> No
                 f"dictionary {site.id} has widths ({d.cfg.d_in} -> {d.cfg.out_width}) but the model's site has "
                 f"({d_in} -> {d_out}); it was trained on another model"
             )
+        if d.cfg.model_name and model_name and d.cfg.model_name != model_name:  # widths fit, the model differs
+            raise DictionaryError(f"dictionary {site.id} was trained on model {d.cfg.model_name!r}, not {model_name!r}; "
+                                  "load dictionaries trained on this model")
 
 
 def dictionary_state_equal(a: SparseDictionary, b: SparseDictionary) -> bool:

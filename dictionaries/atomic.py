@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from dictionaries.errors import DictionaryError
 
 MODE = 0o644
 
@@ -46,6 +49,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, MODE)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only or vanished folder
+        tmp.unlink(missing_ok=True)
+        raise DictionaryError(f"could not write {path} ({err}); the previous file is unchanged. Free some space or "
+                              "choose another --out") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

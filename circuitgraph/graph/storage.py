@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from circuitgraph.errors import CircuitGraphError
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,10 @@ def save_versioned(folder: str | Path, write: Callable[[Path], None]) -> Path:
         os.symlink(name, link)
         os.replace(link, folder)
         _fsync_dir(folder.parent)
+    except (OSError, SafetensorError) as err:  # a full disk, a vanished folder, a permission change
+        shutil.rmtree(version, ignore_errors=True)
+        raise CircuitGraphError(f"could not write {folder} ({err}); the previous contents are unchanged. Free some "
+                                "space or choose another --out") from err
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
         raise

@@ -1,0 +1,77 @@
+"""Real faults in subprocesses: SIGKILL at random points of training, and a full disk during a graph save."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from circuitgraph.graph.graph import Graph
+from dictionaries.persistence import dictionary_state_equal, load_dictionaries
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "circuitgraph", "--threads", "1", "train-dictionaries", "--sites", "resid_post,transcoder",
+         "--layers", "0", "--tokens", "61440", "--batch-tokens", "1024", "--checkpoint-every", "3", "--k", "4",
+         "--expansion", "2", "--seq-len", "64"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.slow
+def test_training_killed_at_random_points_resumes_to_identical_weights(tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run([*TRAIN, "--out", str(straight)], env=ENV, check=True, capture_output=True, timeout=600)
+    out, ckpt, rng = tmp_path / "killed", tmp_path / "killed" / "train_checkpoint.safetensors", random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([*TRAIN, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        start = time.time()
+        while not ckpt.exists() and proc.poll() is None and time.time() < start + 300:
+            time.sleep(0.05)
+        time.sleep(rng.random() * 1.5)  # a random point after a checkpoint exists: mid-step or mid-write
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    subprocess.run([*TRAIN, "--out", str(out)], env=ENV, check=True, capture_output=True, timeout=600)
+    a, b = load_dictionaries(straight), load_dictionaries(out)
+    assert a.keys() == b.keys() and all(dictionary_state_equal(a[s], b[s]) for s in a)
+    assert not list(out.glob("*.tmp*"))  # temporaries of the killed writes are gone
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_graph_storage import make_graph
+    g = make_graph(2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # the disk is full after 20 kB per file
+    from circuitgraph.errors import CircuitGraphError
+    try:
+        g.save(sys.argv[1])
+    except CircuitGraphError as err:
+        print(err)
+        sys.exit(3)
+""")
+
+
+def test_full_disk_during_a_save_keeps_the_previous_graph(tmp_path):
+    from tests.test_graph_storage import make_graph, same
+
+    folder = tmp_path / "G"
+    make_graph(1).save(folder)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=str(ROOT)), str(folder)], env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "File too large" in out.stdout and "the previous contents are unchanged" in out.stdout
+    assert same(Graph.load(folder), make_graph(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # the failed version was removed

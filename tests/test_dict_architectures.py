@@ -75,7 +75,9 @@ def test_topk_keeps_k_and_batchtopk_keeps_k_per_token_on_average() -> None:
     pre_b = btk.pre_acts(x * btk.norm_in)
     lat = btk.activation(pre_b)
     assert (lat > 0).sum().item() == min(4 * 64, int((pre_b > 0).sum()))
-    assert btk.threshold.item() > 0
+    assert btk.threshold.item() == 0  # activation alone (the interaction penalty's call) never moves the threshold
+    btk.training_loss(x, x)
+    assert btk.threshold.item() == pytest.approx(float(lat[lat > 0].min()))  # training sets it
     btk.eval()
     pre = btk.pre_acts(x * btk.norm_in)
     assert torch.equal(btk.encode(x), pre * (pre > btk.threshold))

@@ -121,6 +121,10 @@ class SparseDictionary(nn.Module, abc.ABC):
         return DictionaryOutput(out, latents, pre)
 
     # --- training ------------------------------------------------------------------------
+    def observe_training_batch(self, latents: torch.Tensor) -> None:
+        """Called by :meth:`training_loss` (only there) with the batch's latents; architectures
+        with running statistics (BatchTopK's inference threshold) update them here, so other
+        callers of :meth:`activation` (e.g. the interaction penalty) never move them."""
     def _recon_scaled(self, x_s: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         y = latents @ self.W_dec + self.b_dec
         if self.W_skip is not None:
@@ -134,6 +138,7 @@ class SparseDictionary(nn.Module, abc.ABC):
         x_s, y_s = x * self.norm_in, target * self.norm_out
         pre = self.pre_acts(x_s)
         latents = self.activation(pre)
+        self.observe_training_batch(latents)
         recon = self._recon_scaled(x_s, latents)
         mse = (recon - y_s).pow(2).sum(-1).mean()
         sparsity = sparsity_scale * self.sparsity_loss(pre, latents)

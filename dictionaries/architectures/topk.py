@@ -85,18 +85,20 @@ class BatchTopKDictionary(SparseDictionary):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.training:
-            latents = topk_per_batch(pre, self.cfg.k)
-            with torch.no_grad():
-                kept = latents[latents > 0]
-                if kept.numel():
-                    low = kept.min()
-                    if bool(self.threshold_initialised):
-                        self.threshold.mul_(0.99).add_(0.01 * low)
-                    else:
-                        self.threshold.copy_(low)
-                        self.threshold_initialised.fill_(True)
-            return latents
+            return topk_per_batch(pre, self.cfg.k)
         return pre * (pre > self.threshold)
+
+    @torch.no_grad()
+    def observe_training_batch(self, latents: torch.Tensor) -> None:
+        """The inference threshold follows the smallest kept activation of training batches."""
+        kept = latents[latents > 0]
+        if kept.numel():
+            low = kept.min()
+            if bool(self.threshold_initialised):
+                self.threshold.mul_(0.99).add_(0.01 * low)
+            else:
+                self.threshold.copy_(low)
+                self.threshold_initialised.fill_(True)
 
     def aux_loss(self, x_s, y_s, pre, latents, recon) -> torch.Tensor:
         dead = self.dead_mask()

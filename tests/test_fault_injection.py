@@ -75,3 +75,69 @@ def test_full_disk_during_a_save_keeps_the_previous_graph(tmp_path):
     assert "File too large" in out.stdout and "the previous contents are unchanged" in out.stdout
     assert same(Graph.load(folder), make_graph(1))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # the failed version was removed
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs mounted ro; root ignores permission bits, not EROFS)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root in a mount-capable sandbox)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", [
+    ["train-dictionaries", "--sites", "resid_post", "--layers", "0", "--tokens", "8192"],
+    ["trace", "--task", "ioi", "--n", "4", "--eval-n", "4", "--describe-seqs", "0"],
+])
+def test_read_only_location_is_refused_before_any_work(read_only_dir, capsys, command):
+    from circuitgraph.cli.main import main
+
+    start = time.time()
+    assert main([*command, "--out", str(read_only_dir / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and len(err.strip().splitlines()) == 1
+    assert time.time() - start < 10
+
+
+def test_read_only_graph_folder_keeps_its_graph(tmp_path):
+    """Saving over a graph on a file system that turned read-only: one clear error, the graph intact."""
+    from tests.test_graph_storage import make_graph, same
+
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        make_graph(1).save(mnt / "G")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        from circuitgraph.errors import CircuitGraphError
+
+        with pytest.raises(CircuitGraphError, match="not writable"):
+            make_graph(2).save(mnt / "G")
+        assert same(Graph.load(mnt / "G"), make_graph(1))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def _full_disk(limit: int):
+    def preexec() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_full_disk_during_training_stops_with_one_line_and_keeps_nothing_torn(tmp_path):
+    out = tmp_path / "d"
+    proc = subprocess.run([*TRAIN, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600,
+                          preexec_fn=_full_disk(50_000))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]  # (the lines before it are the progress bar)
+    assert "could not write" in last and "Free some space" in last and "Traceback" not in proc.stderr
+    assert not list(out.glob("*.tmp*"))  # the failed write's temporary is gone

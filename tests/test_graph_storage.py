@@ -153,6 +153,8 @@ def test_nan_weights_are_refused_and_json_stays_valid(tmp_path, capsys):
     (["query", "{g}", "--paths", "L0.transcoder#0", "L1.transcoder#1", "--top-k", "0"], "--top-k and --depth"),
     (["query", "{g}", "--upstream", "L1.transcoder#1", "--top-k", "-1"], "--top-k and --depth"),
     (["trace", "--task", "ioi", "--n", "4", "--out", "{f}/sub"], "is a file, not a folder"),
+    (["view", "{g}", "--max-nodes", "0", "--out", "{f}.html"], "--max-nodes 0"),
+    (["supernodes", "{g}", "--min-size", "0", "--out", "{f}.sn"], "--min-size 0"),
 ])
 def test_outputs_are_refused_before_any_work(tmp_path, capsys, argv, message):
     g = tmp_path / "G"

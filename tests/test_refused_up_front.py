@@ -84,3 +84,25 @@ def test_killed_writes_leave_no_lasting_temporaries_and_modes_are_0644(tmp_path)
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
     assert load_checkpoint(path).meta["step"] == 2
+
+
+DICTS = "circuitgraph/models/default_dicts"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "-1", "tasks", "list"], "--threads -1: use a positive number"),
+    (["tasks", "eval", "--n", "0"], "--n 0"),
+    (["dicts", "eval", "--dicts", DICTS, "--n-seq", "0"], "--n-seq 0"),
+    (["dicts", "eval", "--dicts", DICTS, "--n-seq", "1", "--density-seqs", "-1"], "--density-seqs -1"),
+    (["dicts", "eval", "--dicts", DICTS, "--n-seq", "1", "--seq-len", "100000"], "--seq-len 100000: use 2 to 128"),
+    (["report", "--dicts", DICTS, "--n-seq", "0", "--out", "{tmp}/r.html"], "--n-seq 0"),
+    (["report", "--dicts", DICTS, "--n-seq", "1", "--seq-len", "100000", "--out", "{tmp}/r.html"], "--seq-len 100000"),
+    (["train-toy-model", "--steps", "0", "--out", "{tmp}/m"], "steps and batch_size must be positive"),
+    (["demo", "--n", "0"], "n=0"),
+])
+def test_every_command_refuses_bad_numbers(tmp_path, capsys, argv, message):
+    start = time.perf_counter()
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - start < 20

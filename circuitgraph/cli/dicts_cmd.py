@@ -121,10 +121,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, device=args.device)
+    _check_eval_sizes(args, model)
     dicts = load_dictionaries(args.dicts, device=args.device)
     check_against_model(dicts, model.cfg)
-    if args.n_seq <= 0:
-        raise DictionaryError(f"--n-seq {args.n_seq}: evaluate on at least one sequence")
     source = token_source(args, model, seed=EVAL_SEED)
     tokens = source.sequences(0, args.n_seq)
     density_tokens = source.sequences(args.n_seq, args.density_seqs) if args.density_seqs > 0 else None
@@ -139,10 +138,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_sizes(args: argparse.Namespace, model) -> None:
+    """--n-seq, --density-seqs and --seq-len, refused before any work."""
+    if args.n_seq <= 0:
+        raise DictionaryError(f"--n-seq {args.n_seq}: evaluate on at least one sequence")
+    if args.density_seqs < 0:
+        raise DictionaryError(f"--density-seqs {args.density_seqs}: use 0 (skip densities) or more")
+    if not 2 <= args.seq_len <= model.cfg.n_ctx:
+        raise DictionaryError(f"--seq-len {args.seq_len}: use 2 to {model.cfg.n_ctx} (the model's context)")
+
+
 def run_report(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_writable
     from circuitgraph.viewer.report import render_report
 
+    check_writable(args.out, is_file=True)
     model = resolve_model(args.model, device=args.device)
+    _check_eval_sizes(args, model)
     source = token_source(args, model, seed=EVAL_SEED)
     tokens = source.sequences(0, args.n_seq)
     density_tokens = source.sequences(args.n_seq, args.density_seqs) if args.density_seqs > 0 else None

@@ -40,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads is not None and args.threads < 0:
+            raise CircuitGraphError(f"--threads {args.threads}: use a positive number (or 0 for torch's choice)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except (CircuitGraphError, DictionaryError) as err:
         print(f"circuitgraph {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
+        print(f"circuitgraph {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # a setting a config dataclass refused (its message names the setting and the fix)
         print(f"circuitgraph {args.command}: error: {err}", file=sys.stderr)
         return 2

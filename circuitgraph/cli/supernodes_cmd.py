@@ -63,6 +63,8 @@ def run_supernodes(args: argparse.Namespace) -> int:
     check_writable(args.out)
     if not args.expand and not 0 < args.threshold <= 1:
         raise CircuitGraphError(f"--threshold {args.threshold}: use a similarity in (0, 1]")
+    if not args.expand and args.min_size < 2:
+        raise CircuitGraphError(f"--min-size {args.min_size}: a supernode groups at least 2 features")
     g = Graph.load(args.graph)
     if args.expand:
         out = expand(g, Graph.load(args.expand))

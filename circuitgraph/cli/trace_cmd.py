@@ -290,6 +290,8 @@ def run_view(args: argparse.Namespace) -> int:
 
     check_distinct(args.out, args.graph)
     check_writable(args.out, is_file=True)
+    if args.max_nodes < 1:
+        raise CircuitGraphError(f"--max-nodes {args.max_nodes}: show at least one node")
     path = to_html(Graph.load(args.graph), args.out, args.max_nodes)
     print(path)
     if args.open:

@@ -77,17 +77,25 @@ def test_full_disk_during_a_save_keeps_the_previous_graph(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # the failed version was removed
 
 
+def _tmpfs(path: Path, options: str):
+    """Mount a small tmpfs at ``path`` (root ignores permission bits, not a read-only file system)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root in a mount-capable sandbox)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A read-only file system (a tmpfs mounted ro; root ignores permission bits, not EROFS)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root in a mount-capable sandbox)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+    yield from _tmpfs(tmp_path / "ro", "size=1m,ro")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _tmpfs(tmp_path / "m", "size=4m")
 
 
 @pytest.mark.parametrize("command", [
@@ -104,24 +112,17 @@ def test_read_only_location_is_refused_before_any_work(read_only_dir, capsys, co
     assert time.time() - start < 10
 
 
-def test_read_only_graph_folder_keeps_its_graph(tmp_path):
+def test_read_only_graph_folder_keeps_its_graph(small_disk):
     """Saving over a graph on a file system that turned read-only: one clear error, the graph intact."""
     from tests.test_graph_storage import make_graph, same
 
-    mnt = tmp_path / "m"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        make_graph(1).save(mnt / "G")
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-        from circuitgraph.errors import CircuitGraphError
+    from circuitgraph.errors import CircuitGraphError
 
-        with pytest.raises(CircuitGraphError, match="not writable"):
-            make_graph(2).save(mnt / "G")
-        assert same(Graph.load(mnt / "G"), make_graph(1))
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+    make_graph(1).save(small_disk / "G")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(CircuitGraphError, match="not writable"):
+        make_graph(2).save(small_disk / "G")
+    assert same(Graph.load(small_disk / "G"), make_graph(1))
 
 
 def _full_disk(limit: int):

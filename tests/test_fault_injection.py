@@ -114,9 +114,8 @@ def test_read_only_location_is_refused_before_any_work(read_only_dir, capsys, co
 
 def test_read_only_graph_folder_keeps_its_graph(small_disk):
     """Saving over a graph on a file system that turned read-only: one clear error, the graph intact."""
-    from tests.test_graph_storage import make_graph, same
-
     from circuitgraph.errors import CircuitGraphError
+    from tests.test_graph_storage import make_graph, same
 
     make_graph(1).save(small_disk / "G")
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)

@@ -2,7 +2,8 @@
 
 A kill at any point leaves the old file or the new one. The temporary file is named after the
 writing process (``NAME.tmp<pid>``); a later write of the same file removes temporaries whose
-process is gone, so killed writes leave nothing behind for long. Every file ends up ``0644``.
+process is gone, so killed writes leave nothing behind for long. Every file gets the mode an
+ordinary new file gets (0666 less the umask), whatever library wrote it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from safetensors.torch import save_file
 
 from dictionaries.errors import DictionaryError
 
-MODE = 0o644
+
+def file_mode() -> int:
+    """The mode an ordinary new file gets here (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:  # a full disk, a read-only or vanished folder
         tmp.unlink(missing_ok=True)

@@ -119,25 +119,65 @@ def test_leftovers_of_killed_saves_are_cleaned_and_modes_consistent(tmp_path, mo
     assert not leftover.exists()
     versions = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".G.v-"))
     assert len(versions) == 2  # the current one and the one before
-    modes = {oct(p.stat().st_mode & 0o777) for p in folder.resolve().iterdir()}
-    assert modes == {"0o644"}
+    modes = {p.stat().st_mode & 0o777 for p in folder.resolve().iterdir()}
+    assert modes == {storage.file_mode()}  # every file as an ordinary new file (0644 under umask 022)
 
 
 def test_a_changed_file_is_refused(tmp_path):
     folder = tmp_path / "G"
-    make_graph(1).save(folder)
+    make_graph(1).save(folder, children={"full": make_graph(4)})
     path = folder.resolve() / "features.json"
     path.write_text(json.dumps({"L0.transcoder#0": {"seed": 9}}))
     with pytest.raises(CircuitGraphError, match="does not match its recorded digest"):
         Graph.load(folder)
+    child = folder / "full" / "graph.json"  # a child graph is checked against the parent's manifest
+    child.write_text(child.read_text().replace("s4-0", "s4-X"))
+    with pytest.raises(CircuitGraphError, match="does not match its recorded digest"):
+        Graph.load(folder / "full")
+
+
+def test_a_folder_that_is_not_a_graph_is_never_replaced(tmp_path, capsys, default_dicts):
+    """--out naming a folder of other files (a project folder, a dictionary folder) is refused, never moved."""
+    from circuitgraph.models.loading import DEFAULT_DICTS_DIR
+
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "notes.txt").write_text("precious")
+    with pytest.raises(CircuitGraphError, match="is not a graph folder"):
+        make_graph(1).save(results)
+    assert (results / "notes.txt").read_text() == "precious" and not results.is_symlink()
+    dicts = tmp_path / "dicts"
+    import shutil
+
+    shutil.copytree(DEFAULT_DICTS_DIR / "L0.attn_z", dicts / "L0.attn_z")
+    argv = ["trace", "--task", "ioi", "--n", "4", "--dicts", str(dicts), "--sites", "attn_z", "--layers", "0",
+            "--out", str(dicts)]
+    assert main(argv) == 2 and "is not a graph folder" in capsys.readouterr().err
+    assert (dicts / "L0.attn_z" / "cfg.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    make_graph(1).save(empty)  # an empty folder made for the output is fine
+    assert same(Graph.load(empty), make_graph(1))
 
 
 def test_nan_weights_are_refused_and_json_stays_valid(tmp_path, capsys):
-    g = make_graph(1)
+    from safetensors.torch import load_file, save_file
+
+    make_graph(1).save(tmp_path / "nan")
+    g = make_graph(2)
     g.weights[3] = float("nan")
-    g.save(tmp_path / "nan")
+    with pytest.raises(CircuitGraphError, match="NaN or infinite values in 'weights'; nothing was saved"):
+        g.save(tmp_path / "nan")
+    assert same(Graph.load(tmp_path / "nan"), make_graph(1))  # the previous graph is untouched
+    legacy = tmp_path / "legacy"  # a folder written some other way (no manifest) with a NaN weight
+    legacy.mkdir()
+    for name in ("graph.json", "features.json"):
+        (legacy / name).write_bytes(((tmp_path / "nan") / name).read_bytes())
+    t = load_file(str(tmp_path / "nan" / "graph.safetensors"))
+    t["weights"][3] = float("nan")
+    save_file(t, str(legacy / "graph.safetensors"))
     with pytest.raises(CircuitGraphError, match="NaN or infinite values in 'weights'"):
-        Graph.load(tmp_path / "nan")
+        Graph.load(legacy)
     ok = make_graph(2)
     ok.metadata["faithfulness"] = float("nan")
     ok.save(tmp_path / "ok")
@@ -155,6 +195,10 @@ def test_nan_weights_are_refused_and_json_stays_valid(tmp_path, capsys):
     (["trace", "--task", "ioi", "--n", "4", "--out", "{f}/sub"], "is a file, not a folder"),
     (["view", "{g}", "--max-nodes", "0", "--out", "{f}.html"], "--max-nodes 0"),
     (["supernodes", "{g}", "--min-size", "0", "--out", "{f}.sn"], "--min-size 0"),
+    (["supernodes", "{g}", "--no-decoders", "--out", "{p}"], "would overwrite the input"),
+    (["trace", "--prompt", "a b", "--node-threshold", "nan", "--out", "{f}.p"], "--node-threshold nan"),
+    (["trace", "--prompt", "a b", "--edge-threshold", "5", "--out", "{f}.p"], "--edge-threshold 5.0"),
+    (["query", "{g}", "--paths", "L0.transcoder#0", "L1.transcoder#1", "--top-k", "5000"], "--top-k 5000"),
 ])
 def test_outputs_are_refused_before_any_work(tmp_path, capsys, argv, message):
     g = tmp_path / "G"
@@ -163,7 +207,7 @@ def test_outputs_are_refused_before_any_work(tmp_path, capsys, argv, message):
     f = tmp_path / "file"
     f.write_text("x")
     start = time.perf_counter()
-    assert main([a.format(g=g, f=f) for a in argv]) == 2
+    assert main([a.format(g=g, f=f, p=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert time.perf_counter() - start < 5  # refused up front, not after the work

@@ -68,7 +68,7 @@ def test_dictionary_folder_must_match_its_cfg_and_model(tmp_path, default_model,
         load_dictionaries(tmp_path / "nan")
 
 
-def test_killed_writes_leave_no_lasting_temporaries_and_modes_are_0644(tmp_path):
+def test_killed_writes_leave_no_lasting_temporaries_and_modes_follow_the_umask(tmp_path):
     import os
     import subprocess
     import sys
@@ -82,7 +82,9 @@ def test_killed_writes_leave_no_lasting_temporaries_and_modes_are_0644(tmp_path)
     stale.write_bytes(b"x" * 4096)
     save_checkpoint(path, {"w": torch.full((3,), 2.0)}, {"step": 2})
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
-    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    from dictionaries.atomic import file_mode
+
+    assert os.stat(path).st_mode & 0o777 == file_mode()  # as an ordinary new file, not safetensors' 0600
     assert load_checkpoint(path).meta["step"] == 2
 
 
@@ -98,9 +100,15 @@ DICTS = "circuitgraph/models/default_dicts"
     (["report", "--dicts", DICTS, "--n-seq", "0", "--out", "{tmp}/r.html"], "--n-seq 0"),
     (["report", "--dicts", DICTS, "--n-seq", "1", "--seq-len", "100000", "--out", "{tmp}/r.html"], "--seq-len 100000"),
     (["train-toy-model", "--steps", "0", "--out", "{tmp}/m"], "steps and batch_size must be positive"),
+    (["train-toy-model", "--checkpoint-every", "0", "--out", "{tmp}/m"], "checkpoint_every must be at least 1"),
+    (["train-toy-model", "--weight-decay", "nan", "--out", "{tmp}/m"], "weight_decay finite"),
+    (["train-toy-model", "--warmup", "-1", "--out", "{tmp}/m"], "warmup >= 0"),
+    (["train-toy-model", "--out", "{tmp}/file/m"], "is a file, not a folder"),
+    (["trace", "--task", "ioi", "--n", "4", "--describe-seqs", "-5", "--out", "{tmp}/t"], "--describe-seqs -5"),
     (["demo", "--n", "0"], "n=0"),
 ])
 def test_every_command_refuses_bad_numbers(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("x")
     start = time.perf_counter()
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err

@@ -57,10 +57,10 @@ def _decoder_directions(g, enabled: bool):
 def run_supernodes(args: argparse.Namespace) -> int:
     from circuitgraph.features.supernodes import collapse, expand, find_supernodes
     from circuitgraph.graph.graph import Graph
-    from circuitgraph.graph.storage import check_distinct, check_writable
+    from circuitgraph.graph.storage import check_distinct, check_graph_target
 
     check_distinct(args.out, args.graph, args.expand)
-    check_writable(args.out)
+    check_graph_target(args.out)
     if not args.expand and not 0 < args.threshold <= 1:
         raise CircuitGraphError(f"--threshold {args.threshold}: use a similarity in (0, 1]")
     if not args.expand and args.min_size < 2:

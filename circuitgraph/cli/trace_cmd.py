@@ -12,6 +12,9 @@ from circuitgraph.errors import CircuitGraphError
 
 log = logging.getLogger(__name__)
 
+MAX_PATHS = 1000
+"""Most paths ``query --paths`` lists (Yen's algorithm: each path is one more shortest-path search)."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help="build an attribution graph / circuit for a task dataset or one prompt")
@@ -129,11 +132,18 @@ def _acdc_config(args: argparse.Namespace):
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    from circuitgraph.graph.storage import check_writable
+    from circuitgraph.graph.storage import check_distinct, check_graph_target
     from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     start = time.perf_counter()
-    check_writable(args.out)  # before any work: a bad --out must not cost a whole trace
+    check_graph_target(args.out)  # before any work: a bad --out must not cost a whole trace
+    for flag in ("node_threshold", "edge_threshold"):
+        value = getattr(args, flag)
+        if not 0 < value <= 1:  # NaN fails this too
+            raise CircuitGraphError(f"--{flag.replace('_', '-')} {value}: use a fraction in (0, 1]")
+    if args.describe_seqs < 0:
+        raise CircuitGraphError(f"--describe-seqs {args.describe_seqs}: use 0 (no descriptions) or more")
+    check_distinct(args.out, args.dicts, args.model if args.model != "default" else None)
     if args.eval_n < 0:
         raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
     acdc = _acdc_config(args)
@@ -260,6 +270,9 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.depth < 1:
         raise CircuitGraphError(f"--top-k and --depth must be at least 1 (got {args.top_k}, {args.depth})")
+    if args.paths and args.top_k > MAX_PATHS:
+        raise CircuitGraphError(f"--top-k {args.top_k}: --paths lists at most {MAX_PATHS} paths (each one costs a "
+                                "shortest-path search)")
     g = Graph.load(args.graph)
     where = NodeFilter(args.layer, args.site, args.pos, args.kind)
     if args.paths:

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_writable
+
+    check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
     model_cfg = dataclass_from_flags(ToyModelConfig, args)
     train_cfg = dataclass_from_flags(ToyTrainConfig, args)
     train_toy_model(args.out, model_cfg, train_cfg)

@@ -153,6 +153,7 @@ class Graph:
         return save_versioned(folder, lambda tmp: self._write(tmp, children or {}))
 
     def _write(self, folder: Path, children: dict[str, Graph]) -> None:
+        self._check_finite()
         tensors = {
             "activation": self.activation.float().contiguous(),
             "sources": self.sources.long().contiguous(),
@@ -173,6 +174,17 @@ class Graph:
         for name, child in children.items():
             (folder / name).mkdir()
             child._write(folder / name, {})
+
+    def _check_finite(self) -> None:
+        """Refuse to save NaN or infinite values (``bias`` is NaN by design where a node is no target)."""
+        for name in ("activation", "weights", "target_weights", "node_scores", "bias"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            values = t[~torch.isnan(t)] if name == "bias" else t
+            if not bool(torch.isfinite(values).all()):
+                raise CircuitGraphError(f"the graph holds NaN or infinite values in '{name}'; nothing was saved and "
+                                        "the previous graph in that folder is unchanged")
 
     @classmethod
     def load(cls, folder: str | Path) -> Graph:

@@ -40,6 +40,13 @@ KEEP_SECONDS = 60.0
 """Old versions younger than this are kept (readers may still be inside them)."""
 
 
+def file_mode() -> int:
+    """The mode an ordinary new file gets here (0666 less the umask), for every file we write."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _versions(folder: Path) -> list[Path]:
     return sorted(folder.parent.glob(f".{folder.name}.v-*"))
 
@@ -50,6 +57,23 @@ def _digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+GRAPH_FILES = {"graph.json", "graph.safetensors", "features.json", MANIFEST}
+CHILD_DIRS = {"full"}
+
+
+def is_graph_folder(folder: Path) -> bool:
+    """Whether a plain directory holds only what a graph save writes (an older release's graph folder)."""
+    if not (folder / "graph.json").is_file():
+        return False
+    for p in folder.iterdir():
+        if p.is_dir() and p.name in CHILD_DIRS and is_graph_folder(p):
+            continue
+        if p.is_file() and (p.name in GRAPH_FILES or ".tmp" in p.name):
+            continue
+        return False
+    return True
 
 
 def check_writable(folder: str | Path, is_file: bool = False) -> Path:
@@ -71,6 +95,17 @@ def check_writable(folder: str | Path, is_file: bool = False) -> Path:
     return folder
 
 
+def check_graph_target(folder: str | Path) -> Path:
+    """:func:`check_writable`, and refuse a folder that is not a graph folder (a save would replace it)."""
+    folder = check_writable(folder)
+    if folder.is_dir() and not folder.is_symlink() and any(folder.iterdir()) and not is_graph_folder(folder):
+        raise CircuitGraphError(f"{folder} exists and is not a graph folder (it holds other files); nothing was "
+                                "written. Choose a new --out")
+    if folder.is_symlink() and not resolve_version(folder).name.startswith(f".{folder.name}.v-"):
+        raise CircuitGraphError(f"{folder} is a link that no graph save made; choose a new --out")
+    return folder
+
+
 def check_distinct(out: str | Path, *inputs: str | Path | None) -> None:
     """Refuse an output that is one of the inputs or lies inside one (it would overwrite or alter it)."""
     o = Path(out).absolute().resolve()
@@ -79,14 +114,14 @@ def check_distinct(out: str | Path, *inputs: str | Path | None) -> None:
             continue
         src = Path(i).absolute()
         for p in {src, src.resolve()}:
-            if o == p or p in o.parents:
+            if o == p or p in o.parents or o in p.parents:
                 raise CircuitGraphError(f"the output {out} would overwrite the input {i}; write it elsewhere")
 
 
 def save_versioned(folder: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` to fill a fresh version directory, then switch ``folder`` to it."""
     folder = Path(folder).absolute()
-    check_writable(folder)
+    check_graph_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     name = f".{folder.name}.v-{time.time_ns():020d}-{secrets.token_hex(4)}"
     version = folder.parent / name
@@ -96,11 +131,13 @@ def save_versioned(folder: str | Path, write: Callable[[Path], None]) -> Path:
         files = sorted(p for p in version.rglob("*") if p.is_file() and p.name != MANIFEST)
         manifest = {str(p.relative_to(version)): _digest(p) for p in files}
         for p in files:
-            os.chmod(p, 0o644)
+            os.chmod(p, file_mode())
         (version / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.chmod(version / MANIFEST, 0o644)
+        os.chmod(version / MANIFEST, file_mode())
         _fsync_dir(version)
-        if folder.exists() and not folder.is_symlink():
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()  # an empty folder (e.g. made by hand for the output)
+        if folder.exists() and not folder.is_symlink():  # an older release's graph folder (checked above)
             os.rename(folder, folder.parent / f".{folder.name}.v-00000000000000000000-legacy{secrets.token_hex(2)}")
         link = folder.parent / f".{folder.name}.link-{secrets.token_hex(4)}"
         os.symlink(name, link)
@@ -118,22 +155,26 @@ def save_versioned(folder: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def resolve_version(folder: str | Path) -> Path:
-    """The version directory ``folder`` points to now (a plain directory is its own version)."""
-    folder = Path(folder)
-    return folder.resolve() if folder.is_symlink() else folder
+    """The directory ``folder`` means now, every link on the way resolved once (so ``G/full`` is read
+    from one version of ``G``)."""
+    return Path(folder).resolve()
 
 
 def verify_manifest(version: Path) -> None:
     """Check every file of a version against its recorded digest (when the version has a manifest)."""
-    path = version / MANIFEST
-    if not path.is_file():
-        return
+    path, prefix = version / MANIFEST, ""
+    if not path.is_file():  # a child graph (``full/``): its digests are in the parent's manifest
+        path, prefix = version.parent / MANIFEST, version.name + "/"
+        if not path.is_file():
+            return
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CircuitGraphError(f"{path} is corrupt ({err}); re-run the command that wrote it") from err
     for rel, digest in manifest.items():
-        p = version / rel
+        if not rel.startswith(prefix):
+            continue
+        p = path.parent / rel
         if not p.is_file() or _digest(p) != digest:
             raise CircuitGraphError(f"{p} does not match its recorded digest (changed or truncated after it was "
                                     "written); re-run the command that wrote it")

@@ -74,6 +74,12 @@ class ToyTrainConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
+        if self.checkpoint_every < 1 or self.warmup < 0:
+            raise ValueError(f"checkpoint_every must be at least 1 and warmup >= 0 (got {self.checkpoint_every}, "
+                             f"{self.warmup})")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"lr must be a positive finite number and weight_decay finite and >= 0 (got {self.lr}, "
+                             f"{self.weight_decay})")
 
 
 def build_untrained(model_cfg: ToyModelConfig, seed: int) -> HookedTransformer:

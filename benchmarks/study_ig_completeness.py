@@ -13,7 +13,6 @@ a continuous path; with TopK dictionaries downstream the path jumps, and no grad
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -26,14 +25,8 @@ from circuitgraph.attribution.nodeset import AblatedNodes  # noqa: E402
 from circuitgraph.models.loading import DEFAULT_DICTS_DIR, load_default  # noqa: E402
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset  # noqa: E402
-from dictionaries.architectures.registry import build_dictionary  # noqa: E402
+from dictionaries.architectures.registry import rebuild_as  # noqa: E402
 from dictionaries.persistence import load_dictionaries  # noqa: E402
-
-
-def relu_copy(d):
-    r = build_dictionary(dataclasses.replace(d.cfg, arch="relu"))
-    r.load_state_dict(d.state_dict(), strict=False)
-    return r
 
 
 def main() -> None:
@@ -49,7 +42,7 @@ def main() -> None:
     ds = make_dataset(args.task, model, n=args.n, seed=1)
     print(f"# {args.task}, {args.n} prompts, patch baseline, IG {args.ig_steps} steps; effect = m(clean) - m(site patched)")
     print(f"{'dictionaries':12s} {'site':15s} {'exact':>8s} {'IG sum':>8s} {'AP sum':>8s} {'IG rel err':>10s} {'AP rel err':>10s}")
-    for name, ds_dicts in (("topk", dicts), ("relu copies", {s: relu_copy(d) for s, d in dicts.items()})):
+    for name, ds_dicts in (("topk", dicts), ("relu copies", {s: rebuild_as(d, "relu") for s, d in dicts.items()})):
         rm = ReplacementModel(model, ds_dicts)
         ig = score_nodes(rm, ds, DatasetAttributionConfig("ig", ig_steps=args.ig_steps, progress=False))
         ap_ = score_nodes(rm, ig.runs, DatasetAttributionConfig("attribution", progress=False))
@@ -57,10 +50,7 @@ def main() -> None:
         full = ab.full()
         widths = {s: rm.dicts[s].cfg.d_dict for s in rm.sites}
         for s in rm.sites:
-            site_all = AblatedNodes.none(widths)
-            site_all.features[s][:] = True
-            site_all.errors[s][:] = True
-            exact = full - ab.metric(site_all)
+            exact = full - ab.metric(AblatedNodes.whole_sites(widths, [s]))
             tot_ig = float(ig.features[s].sum() + ig.errors[s].sum())
             tot_ap = float(ap_.features[s].sum() + ap_.errors[s].sum())
             print(f"{name:12s} {s.id:15s} {exact:8.3f} {tot_ig:8.3f} {tot_ap:8.3f} {abs(tot_ig - exact) / abs(exact):10.3f} "

@@ -3,8 +3,6 @@ against independent spliced runs, IG against exact site patching, node selection
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from circuitgraph.attribution.nodeset import AblatedNodes, DatasetNode, KeptNode
 from circuitgraph.replacement import ReplacementModel
 from circuitgraph.replacement.model import SpliceSpec
 from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
-from dictionaries.architectures.registry import build_dictionary
+from dictionaries.architectures.registry import rebuild_as
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +83,6 @@ def test_evaluator_matches_independent_spliced_runs(rm, default_model):
                                       ev.faithfulness_errors_only, ev.ceiling)}) == 4
 
 
-def relu_copy(d):
-    """The same weights read by a ReLU encoder: a continuous dictionary (TopK's top-k choice jumps)."""
-    r = build_dictionary(dataclasses.replace(d.cfg, arch="relu"))
-    r.load_state_dict(d.state_dict(), strict=False)
-    return r
 
 
 @pytest.mark.slow
@@ -100,7 +93,7 @@ def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default
     dictionaries are continuous (ReLU copies of the committed ones): with TopK dictionaries
     downstream the metric jumps where a latent enters the top k, which no gradient sees
     (``benchmarks/study_ig_completeness.py`` measures that gap)."""
-    rm = ReplacementModel(default_model, {s: relu_copy(d) for s, d in default_dicts.items()
+    rm = ReplacementModel(default_model, {s: rebuild_as(d, "relu") for s, d in default_dicts.items()
                                           if s.kind in ("attn_z", "transcoder")})
     ds = make_dataset("ioi", default_model, n=8, seed=1)
     sc = score_nodes(rm, ds, DatasetAttributionConfig("ig", ig_steps=steps, progress=False, baseline=baseline))
@@ -110,10 +103,7 @@ def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default
     d = {s: rm.dicts[s].cfg.d_dict for s in rm.sites}
     worst_ig, worst_ap = 0.0, 0.0
     for s in rm.sites:
-        site_all = AblatedNodes.none(d)
-        site_all.features[s][:] = True
-        site_all.errors[s][:] = True
-        exact = full - ab.metric(site_all)
+        exact = full - ab.metric(AblatedNodes.whole_sites(d, [s]))
         ig_total = float(sc.features[s].sum() + sc.errors[s].sum())
         ap_total = float(ap.features[s].sum() + ap.errors[s].sum())
         worst_ig = max(worst_ig, abs(ig_total - exact) / abs(exact))

@@ -212,3 +212,13 @@ def test_outputs_are_refused_before_any_work(tmp_path, capsys, argv, message):
     assert message in err and len(err.strip().splitlines()) == 1
     assert time.perf_counter() - start < 5  # refused up front, not after the work
     assert sorted(p.name for p in g.resolve().iterdir()) == before and same(Graph.load(g), make_graph(1))
+
+
+def test_a_link_no_save_made_is_not_replaced(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "data.csv").write_text("keep")
+    (tmp_path / "G").symlink_to(target)
+    with pytest.raises(CircuitGraphError, match="is a link that no graph save made"):
+        make_graph(1).save(tmp_path / "G")
+    assert (tmp_path / "G").resolve() == target and (target / "data.csv").read_text() == "keep"

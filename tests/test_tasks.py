@@ -105,3 +105,20 @@ def test_held_out_prompts_are_disjoint_and_deterministic(default_model) -> None:
     # another seed drawn as a plain dataset does repeat a selection prompt: the exclusion is doing work
     plain = make_dataset("greater_than", default_model, n=64, seed=1)
     assert set(plain.prompts) & set(sel.prompts)
+
+
+def test_held_out_prompts_that_cannot_be_found_are_a_clear_error(default_model, monkeypatch) -> None:
+    """A task with a single possible prompt has none left outside the selection set."""
+    import dataclasses
+    import random
+
+    from circuitgraph.errors import TaskError
+    from circuitgraph.tasks import registry
+    from circuitgraph.toylang.templates import HELDOUT_POOLS
+
+    only = registry.TASKS["ioi"].generate(random.Random(0), HELDOUT_POOLS)
+    monkeypatch.setitem(registry.TASKS, "one", dataclasses.replace(registry.TASKS["ioi"], name="one",
+                                                                    generate=lambda rng, pools: only))
+    sel = registry.make_dataset("one", default_model, n=1)
+    with pytest.raises(TaskError, match="has only 0 prompts outside the 1 selection prompts"):
+        registry.make_disjoint_dataset("one", default_model, 2, sel)

@@ -88,6 +88,15 @@ class _NodeMasks:
             m.fill_(True)
         return out
 
+    @classmethod
+    def whole_sites(cls: type[S], d_dicts: Mapping[Site, int], sites: Iterable[Site]) -> S:
+        """Every feature and the error node of ``sites`` (aggregated over positions)."""
+        out = cls.none(d_dicts)
+        for s in sites:
+            out.features[s].fill_(True)
+            out.errors[s].fill_(True)
+        return out
+
     @property
     def n_offsets(self) -> int:
         return int(next(iter(self.errors.values())).numel()) if self.errors else 1

@@ -33,3 +33,13 @@ def build_dictionary(cfg: DictionaryConfig, seed: int = 0) -> SparseDictionary:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(REGISTRY)}")
     gen = torch.Generator().manual_seed(seed)
     return REGISTRY[cfg.arch](cfg, generator=gen)
+
+
+def rebuild_as(d: SparseDictionary, arch: str) -> SparseDictionary:
+    """The same weights read by another architecture's activation (e.g. a TopK dictionary's weights
+    with a ReLU encoder: a continuous dictionary); parameters the other architecture lacks are dropped."""
+    import dataclasses
+
+    out = build_dictionary(dataclasses.replace(d.cfg, arch=arch))
+    out.load_state_dict(d.state_dict(), strict=False)
+    return out

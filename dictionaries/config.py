@@ -42,6 +42,9 @@ class DictionaryConfig:
     """Weight of the AuxK loss."""
     dead_after_tokens: int = 100_000
     """A latent that has not fired for this many training tokens counts as dead (AuxK, resampling)."""
+    out_layers: int = 1
+    """Consecutive layers whose outputs the decoder writes (a cross-layer transcoder at layer L of an
+    n-layer model: n - L); ``d_out`` is ``out_layers`` times one layer's width, that layer first."""
     skip: bool = False
     """Add a linear skip connection ``x @ W_skip`` (transcoders)."""
     site: str = ""
@@ -54,6 +57,8 @@ class DictionaryConfig:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.d_in <= 0 or self.d_dict <= 0 or self.d_out < 0:
             raise ValueError(f"widths must be positive (d_in={self.d_in}, d_dict={self.d_dict}, d_out={self.d_out})")
+        if self.out_layers < 1 or self.out_width % self.out_layers:
+            raise ValueError(f"out_layers={self.out_layers} must be >= 1 and divide the output width {self.out_width}")
         if self.arch in ("topk", "batchtopk") and not 0 < self.k <= self.d_dict:
             raise ValueError(f"k={self.k} must be between 1 and d_dict={self.d_dict}")
 
@@ -61,6 +66,11 @@ class DictionaryConfig:
     def out_width(self) -> int:
         """``d_out`` with 0 resolved to ``d_in``."""
         return self.d_out or self.d_in
+
+    @property
+    def error_width(self) -> int:
+        """Width of one layer's output (of the error term a replacement model keeps per layer)."""
+        return self.out_width // self.out_layers
 
     @property
     def aux_k_resolved(self) -> int:

@@ -43,7 +43,7 @@ def e2e_kl(model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], tok
         clean = F.log_softmax(model(tokens).float(), -1)
     out = {}
     for site, d in dicts.items():
-        with model.hooks(fwd_hooks=splice_hooks(site, d, "reconstruct")):
+        with model.hooks(fwd_hooks=splice_hooks(site, d, "reconstruct", group=dicts)):
             spliced = F.log_softmax(model(tokens).float(), -1)
         out[site] = (clean.exp() * (clean - spliced)).sum(-1)[:, 1:].mean()
     return out

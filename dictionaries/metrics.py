@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 
 from dictionaries.activations import ActivationStore
 from dictionaries.architectures.base import SparseDictionary
+from dictionaries.cross_layer import reconstruct
 from dictionaries.site import Site
 from dictionaries.splice import splice_hooks
 from dictionaries.token_sources import TensorTokens
@@ -64,6 +65,24 @@ def reconstruction_stats(d: SparseDictionary, x: torch.Tensor, y: torch.Tensor, 
     var = (y - y.mean(0)).pow(2).sum().item()
     return {"l0": torch.tensor(l0_sum / n), "mse": torch.tensor(sq_err / (n * y.shape[1])),
             "fvu": torch.tensor(sq_err / max(var, 1e-12)), "density": fired / n}
+
+
+def clt_reconstruction_stats(dicts: Mapping[Site, SparseDictionary], site: Site, acts: Mapping[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor]:
+    """:func:`reconstruction_stats` of a cross-layer transcoder layer: MSE and FVU of its layer's MLP
+    output as reconstructed by every ``clt`` source at or before it; L0 and density of its own latents."""
+    d = dicts[site]
+    x = acts[site.input_hook]
+    y = acts[site.output_hook]
+    inputs = {s.layer: acts[s.input_hook] for s in dicts if s.is_cross_layer and s.layer <= site.layer}
+    recon = reconstruct(dicts, inputs, site.layer)
+    latents = d.encode(x)
+    active = latents > 0
+    n = x.shape[0]
+    sq_err = (recon - y).pow(2).sum().item()
+    var = (y - y.mean(0)).pow(2).sum().item()
+    return {"l0": active.sum(-1).float().mean(), "mse": torch.tensor(sq_err / (n * y.shape[1])),
+            "fvu": torch.tensor(sq_err / max(var, 1e-12)), "density": active.sum(0).float().cpu() / n}
 
 
 @torch.no_grad()
@@ -123,13 +142,16 @@ def evaluate_dictionaries(
         for hook, zsite in zero_sites.items():
             ce_zero[hook] += _ce_and_logprobs(model, tb, splice_hooks(zsite, None, "zero"))[0]
         for site, d in dicts.items():
-            s_ce, lp_spliced = _ce_and_logprobs(model, tb, splice_hooks(site, d, "reconstruct"))
+            s_ce, lp_spliced = _ce_and_logprobs(model, tb, splice_hooks(site, d, "reconstruct", group=dicts))
             sums[site]["spliced"] += s_ce
             sums[site]["kl"] += (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean().item()
         n_batches += 1
     results: dict[Site, DictionaryMetrics] = {}
     for site, d in dicts.items():
-        stats = reconstruction_stats(d, cat[site.input_hook], cat[site.output_hook])
+        if site.is_cross_layer:  # the layer's MLP output as the whole CLT reconstructs it
+            stats = clt_reconstruction_stats(dicts, site, cat)
+        else:
+            stats = reconstruction_stats(d, cat[site.input_hook], cat[site.output_hook])
         ce_c, ce_s = ce_clean / n_batches, sums[site]["spliced"] / n_batches
         ce_z, kl = ce_zero[site.output_hook] / n_batches, sums[site]["kl"] / n_batches
         density = densities.get(site, stats["density"])

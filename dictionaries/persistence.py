@@ -80,17 +80,31 @@ def save_dictionaries(dicts: Mapping[Site, SparseDictionary], root: str | Path) 
 
 
 def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, SparseDictionary]:
-    """``{Site: dictionary}`` for every ``root/<site id>/`` folder."""
+    """``{Site: dictionary}`` for every ``root/<site id>/`` folder; a circuit-tracer cross-layer
+    transcoder folder (``root`` itself, or a sub-folder of it) gives ``L0.clt`` .. sites."""
+    from dictionaries.circuit_tracer_format import is_circuit_tracer_clt, load_clt_circuit_tracer
+
     root = Path(root)
     if not root.is_dir():
         raise DictionaryError(f"dictionary folder {root} does not exist")
+    if is_circuit_tracer_clt(root):
+        return {s: d.to(device) for s, d in load_clt_circuit_tracer(root).items()}
     out: dict[Site, SparseDictionary] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if is_circuit_tracer_clt(sub):
+            clt = load_clt_circuit_tracer(sub)
+            clash = sorted(s.id for s in clt if s in out)
+            if clash:
+                raise DictionaryError(f"{sub} and the site folders of {root} both hold {', '.join(clash)}; keep one")
+            out.update({s: d.to(device) for s, d in clt.items()})
+            continue
         try:
             site = Site.parse(sub.name)
         except ValueError:
             continue
         d = load_dictionary(sub, device=device)
+        if site in out:
+            raise DictionaryError(f"{root} holds {site.id} twice (a site folder and a circuit-tracer CLT folder); keep one")
         if d.cfg.site and d.cfg.site != site.id:
             raise DictionaryError(f"{sub}/{CFG_FILE} says this dictionary was trained for {d.cfg.site}, not {site.id}; "
                                   f"move it to {root / d.cfg.site} or retrain it")

@@ -12,7 +12,16 @@ mlp_out    ``blocks.L.hook_mlp_out``            the same activation    d_model
 attn_z     ``blocks.L.attn.hook_z`` (all heads) the same activation    n_heads*d_head
 mlp_post   ``blocks.L.mlp.hook_post`` (neurons) the same activation    d_mlp
 transcoder ``blocks.L.ln2.hook_normalized``     ``blocks.L.hook_mlp_out`` d_model -> d_model
+clt        ``blocks.L.hook_resid_mid``          ``hook_mlp_out`` of    d_model ->
+                                                layers L..n-1          (n-L)*d_model
 ========== =================================== ====================== ============
+
+``clt`` is one layer of a *cross-layer transcoder* ("Circuit Tracing", Transformer Circuits 2025):
+its features read the residual stream before the MLP of layer L and write into the MLP output of
+layer L and of every later layer (the decoder is the concatenation of those writes, layer L first).
+The MLP output of layer j is reconstructed by the sum of the writes of every ``clt`` layer <= j,
+so the ``clt`` sites of a set run from some layer to the last one (see
+:mod:`dictionaries.cross_layer`). The error term of site ``Lj.clt`` is that of ``hook_mlp_out`` j.
 
 Site ids are ``L{layer}.{kind}`` (``L2.resid_post``); they name folders, JSON keys and graph nodes.
 """
@@ -23,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_z", "mlp_post", "transcoder"]
+SiteKind = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_z", "mlp_post", "transcoder", "clt"]
 SITE_KINDS: tuple[str, ...] = get_args(SiteKind)
 _ID = re.compile(r"^L(\d+)\.([a-z_]+)$")
 
@@ -35,6 +44,7 @@ _INPUT_HOOK = {
     "attn_z": "blocks.{L}.attn.hook_z",
     "mlp_post": "blocks.{L}.mlp.hook_post",
     "transcoder": "blocks.{L}.ln2.hook_normalized",
+    "clt": "blocks.{L}.hook_resid_mid",
 }
 
 
@@ -65,15 +75,25 @@ class Site:
 
     @property
     def output_hook(self) -> str:
-        """The hook whose activation the dictionary reconstructs (differs only for transcoders)."""
-        if self.kind == "transcoder":
+        """The hook whose activation the dictionary reconstructs (differs for transcoders; for a
+        cross-layer transcoder, the first of the MLP outputs it writes: its own layer's)."""
+        if self.kind in ("transcoder", "clt"):
             return f"blocks.{self.layer}.hook_mlp_out"
         return self.input_hook
 
     @property
     def is_transcoder(self) -> bool:
-        """Whether input and output hooks differ."""
-        return self.kind == "transcoder"
+        """Whether input and output hooks differ (transcoders and cross-layer transcoders)."""
+        return self.kind in ("transcoder", "clt")
+
+    @property
+    def is_cross_layer(self) -> bool:
+        """Whether the dictionary writes into this layer's MLP output and every later one."""
+        return self.kind == "clt"
+
+    def output_layers(self, n_layers: int) -> int:
+        """How many consecutive layers' outputs the decoder writes (``n_layers - layer`` for ``clt``, else 1)."""
+        return n_layers - self.layer if self.kind == "clt" else 1
 
     @property
     def is_per_head(self) -> bool:
@@ -88,7 +108,7 @@ class Site:
             d = cfg.d_mlp
         else:
             d = cfg.d_model
-        return d, d
+        return d, d * self.output_layers(cfg.n_layers)
 
     def check_model(self, cfg) -> None:
         """Raise ``ValueError`` if this site does not exist in a model with config ``cfg``."""
@@ -96,7 +116,7 @@ class Site:
             raise ValueError(
                 f"site {self.id}: layer {self.layer} is out of range; the model has layers 0..{cfg.n_layers - 1}"
             )
-        if self.kind in ("mlp_post", "transcoder", "mlp_out") and getattr(cfg, "attn_only", False):
+        if self.kind in ("mlp_post", "transcoder", "mlp_out", "clt") and getattr(cfg, "attn_only", False):
             raise ValueError(f"site {self.id}: the model is attention-only and has no MLP")
 
     @classmethod

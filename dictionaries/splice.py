@@ -6,18 +6,27 @@ outliers), and the convention matches how the CE-loss metrics are reported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
 from dictionaries.architectures.base import SparseDictionary
+from dictionaries.cross_layer import splice_output_hooks
 from dictionaries.site import Site
 
 Mode = Literal["reconstruct", "zero"]
 
 
-def splice_hooks(site: Site, d: SparseDictionary | None, mode: Mode = "reconstruct") -> list[tuple[str, object]]:
-    """``[(hook_name, fn), ...]`` for ``model.hooks(fwd_hooks=...)``."""
+def splice_hooks(site: Site, d: SparseDictionary | None, mode: Mode = "reconstruct",
+                 group: Mapping[Site, SparseDictionary] | None = None) -> list[tuple[str, object]]:
+    """``[(hook_name, fn), ...]`` for ``model.hooks(fwd_hooks=...)``. A cross-layer transcoder
+    site reconstructs its own layer's MLP output from every ``clt`` dictionary of ``group`` at or
+    before it (``group`` is required for ``clt`` sites in ``reconstruct`` mode)."""
+    if site.is_cross_layer and mode == "reconstruct":
+        if group is None:
+            raise ValueError(f"site {site.id} is a cross-layer transcoder layer: pass the whole CLT as group=")
+        return splice_output_hooks(group, site.layer)
     saved: dict[str, torch.Tensor] = {}
 
     def save_input(act: torch.Tensor, hook) -> None:

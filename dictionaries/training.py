@@ -28,6 +28,7 @@ from dictionaries.architectures.base import LossTerms, SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
 from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from dictionaries.config import Architecture, DictionaryConfig
+from dictionaries.cross_layer import CLT_ARCHS, check_clt_sites, clt_losses, clt_sites, initialise_clt
 from dictionaries.determinism import deterministic
 from dictionaries.e2e import e2e_kl, frozen_weights
 from dictionaries.errors import DictionaryError
@@ -144,7 +145,7 @@ class TrainConfig:
             arch=self.arch, d_in=d_in, d_dict=self.expansion * d_in, d_out=d_out if d_out != d_in else 0,
             k=self.k, l1_coeff=self.l1_coeff, l0_coeff=self.l0_coeff, aux_coeff=self.aux_coeff,
             dead_after_tokens=self.dead_after_tokens, skip=self.transcoder_skip and site.is_transcoder,
-            site=site.id, model_name=model_name,
+            out_layers=d_out // d_in if site.is_cross_layer else 1, site=site.id, model_name=model_name,
         )
 
 
@@ -208,7 +209,8 @@ class DictionaryStepper:
         self.opt.zero_grad(set_to_none=True)
         d.constrain_decoder()
         d.update_firing(distributed.any_across_ranks(terms.fired), x.shape[0] * distributed.world()[1])
-        if self.resample_every and (step + 1) % self.resample_every == 0 and d.cfg.arch in ("relu", "gated"):
+        if (self.resample_every and (step + 1) % self.resample_every == 0 and d.cfg.arch in ("relu", "gated")
+                and d.cfg.out_layers == 1):
             resample_dead(d, self.opt, x, y)
         with torch.no_grad():
             y_s = y * d.norm_out
@@ -263,6 +265,12 @@ def train_dictionaries(
             site.check_model(model.cfg)
         except ValueError as err:
             raise DictionaryError(str(err)) from err
+    try:
+        check_clt_sites(sites, model.cfg.n_layers)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    if any(s.is_cross_layer for s in sites) and cfg.arch not in CLT_ARCHS:
+        raise DictionaryError(f"cross-layer transcoders train with --arch {', '.join(CLT_ARCHS)}, not {cfg.arch}")
     out_dir = Path(out_dir)
     ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
     penalty = _interaction_penalty(model, sites, cfg)
@@ -274,6 +282,7 @@ def train_dictionaries(
         d_in, d_out = site.widths(model.cfg)
         dcfg = cfg.dictionary_config(site, d_in, d_out, model.cfg.model_name)
         dicts[site] = build_dictionary(dcfg, seed=cfg.seed * 7919 + i).to(model.cfg.device)
+    clt = clt_sites(sites)
     steppers = {s: DictionaryStepper(d, lr=cfg.lr, resample_every=cfg.resample_every, ckpt=ckpt_path,
                                        grad_clip=cfg.grad_clip)
                 for s, d in dicts.items()}
@@ -290,12 +299,16 @@ def train_dictionaries(
         _check_finite(batch, sites, step, ckpt_path)
         if step == 0:
             for s, d in dicts.items():
-                initialise_from_data(d, batch[s.input_hook], batch[s.output_hook])
+                init = initialise_clt if s.is_cross_layer else initialise_from_data
+                init(d, batch[s.input_hook], batch[s.output_hook])
         lr_mult = lr_factor(step, cfg)
         sparsity_mult = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
         xs = {s: distributed.shard_rows(batch[s.input_hook]) for s in sites}
         ys = {s: distributed.shard_rows(batch[s.output_hook]) for s in sites}
-        terms = {s: steppers[s].losses(xs[s], ys[s], sparsity_mult, step) for s in sites}
+        terms = {s: steppers[s].losses(xs[s], ys[s], sparsity_mult, step) for s in sites if not s.is_cross_layer}
+        if clt:  # cross-layer transcoders: one joint loss (each output reaches every earlier source)
+            terms.update(clt_losses({s: dicts[s] for s in clt}, xs, ys, sparsity_mult))
+            _check_terms_finite(terms, clt, step, ckpt_path)
         total = sum(t.total for t in terms.values())
         postfix = {}
         if penalty is not None:
@@ -339,9 +352,19 @@ def train_dictionaries(
     return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
 
 
+def _check_terms_finite(terms: dict[Site, LossTerms], sites: Sequence[Site], step: int, ckpt: Path) -> None:
+    for s in sites:
+        if not torch.isfinite(terms[s].total):
+            raise DictionaryError(f"loss of dictionary {s.id} became {terms[s].total.item()} at step {step}; "
+                                  f"lower the learning rate. The last good checkpoint {ckpt} is intact")
+
+
 def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: TrainConfig) -> InteractionPenalty | None:
     if cfg.interaction_penalty == 0:
         return None
+    if any(s.is_cross_layer for s in sites):
+        raise DictionaryError("the interaction penalty does not support cross-layer transcoder (clt) sites; "
+                              "train them without --interaction-penalty")
     try:
         pairs = parse_pairs(cfg.interaction_pairs, sites)
     except ValueError as err:

@@ -50,6 +50,11 @@ def _spliced_metric(rm, ds, latents=None, errors=None) -> float:
 def test_evaluator_matches_independent_spliced_runs(rm, default_model):
     """Every number of the evaluator equals a hand-built spliced run: sites set to their corrupted
     latents / errors through ``SpliceSpec`` (not the ablator's masks)."""
+    check_evaluator_against_spliced_runs(rm, default_model, rm.sites[6])
+
+
+def check_evaluator_against_spliced_runs(rm, default_model, kept_site) -> None:
+    """The evaluator's numbers for the circuit "every node of ``kept_site``" against hand-built runs."""
     ds = make_dataset("ioi", default_model, n=8, seed=2)
     clean = rm.run(ds.clean_tokens)
     corr = rm.run(ds.corrupted_tokens)
@@ -59,7 +64,6 @@ def test_evaluator_matches_independent_spliced_runs(rm, default_model):
     with torch.no_grad():
         full = float(metric_of(default_model(ds.clean_tokens), ds).mean())  # no dictionaries at all
     empty = _spliced_metric(rm, ds, c_lat, c_err)
-    kept_site = rm.sites[6]  # the circuit: every node of one site
     circuit = KeptNodes.none({s: rm.dicts[s].cfg.d_dict for s in rm.sites})
     circuit.features[kept_site][:] = True
     circuit.errors[kept_site][:] = True

@@ -1,4 +1,5 @@
-"""Data-parallel dictionary training with torchrun: 2 CPU processes equal one process."""
+"""Data-parallel dictionary training with torchrun: 2 CPU processes equal one process (a
+cross-layer transcoder, trained jointly, included)."""
 
 from __future__ import annotations
 

@@ -228,7 +228,8 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
             p, f = site_pos[i], site_feat[i]
             row[:, lo:hi] = _feature_edges(g_out, dec[site], p, f, clean.sites[site].latents[0, p, f], row_pos)
             e_lo = err_start + i * (n_pos - 1)
-            row[:, e_lo : e_lo + n_pos - 1] = (g_out[:, 1:] * clean.sites[site].errors[0, 1:]).sum(-1)
+            err = clean.sites[site].errors[0, 1:]  # a cross-layer site's error is its own layer's: the first slice
+            row[:, e_lo : e_lo + n_pos - 1] = (g_out[:, 1:, : err.shape[-1]] * err).sum(-1)
         t_idx, s_idx = (row.abs() > cfg.min_edge).nonzero(as_tuple=True)
         keys = torch.tensor(batch_keys, dtype=torch.long)
         chunks.append((s_idx, keys[t_idx], row[t_idx, s_idx].detach()))

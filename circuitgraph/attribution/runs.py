@@ -105,7 +105,7 @@ class DatasetRuns:
         """Mean clean latents and errors over the counted positions of every prompt."""
         if self._means is None:
             lat = {s: torch.zeros(d.cfg.d_dict) for s, d in self.rm.dicts.items()}
-            err = {s: torch.zeros(d.cfg.out_width) for s, d in self.rm.dicts.items()}
+            err = {s: torch.zeros(d.cfg.error_width) for s, d in self.rm.dicts.items()}
             count = 0.0
             for b in self.batches:
                 m = b.mask.unsqueeze(-1)

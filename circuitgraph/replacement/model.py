@@ -28,11 +28,12 @@ from transformer_lens import HookedTransformer
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.frozen import FrozenState, freeze_hooks, record_frozen_hooks
 from dictionaries.architectures.base import SparseDictionary
+from dictionaries.cross_layer import check_clt_sites, layer_slice
 from dictionaries.persistence import check_against_model
 from dictionaries.site import ModelHooks, Site
 
-_DEPTH = {"resid_pre": 0.0, "attn_z": 0.2, "resid_mid": 0.4, "mlp_post": 0.6, "transcoder": 0.7, "mlp_out": 0.8,
-          "resid_post": 0.9}
+_DEPTH = {"resid_pre": 0.0, "attn_z": 0.2, "resid_mid": 0.4, "mlp_post": 0.6, "transcoder": 0.7, "clt": 0.7,
+          "mlp_out": 0.8, "resid_post": 0.9}
 
 
 def site_depth(site: Site) -> float:
@@ -98,6 +99,10 @@ class ReplacementModel:
         if not dicts:
             raise CircuitGraphError("no dictionaries given; pass at least one site (e.g. --sites attn_z,transcoder)")
         check_against_model(dicts, model.cfg)
+        try:
+            check_clt_sites(list(dicts), model.cfg.n_layers)
+        except ValueError as err:
+            raise CircuitGraphError(str(err)) from err
         by_output: dict[str, Site] = {}
         for site in dicts:
             other = by_output.get(site.output_hook)
@@ -161,6 +166,66 @@ class ReplacementModel:
         hooks.append((site.output_hook, replace))
         return hooks
 
+    def _clt_hooks(self, spec: SpliceSpec, out: dict[Site, SiteRecord]) -> list[tuple[str, Callable]]:
+        """Hooks of the cross-layer transcoder sites: each source encodes its ``hook_resid_mid`` and
+        adds its writes to every later layer; ``hook_mlp_out`` of layer j takes the sum of the writes
+        into j plus its own error term (computed from the unedited writes, as for other sites).
+        ``offsets`` of a ``clt`` site span all the layers it writes, in decoder order."""
+        sites = [s for s in self.dicts if s.is_cross_layer]
+        if not sites:
+            return []
+        width = self.model.cfg.d_model
+        touched = (spec.edit_latents is not None or spec.edit_errors is not None
+                   or any(s in spec.latents or s in spec.errors or s in spec.offsets for s in sites))
+        clean_sum: dict[int, torch.Tensor] = {}
+        used_sum: dict[int, torch.Tensor] = {}
+        pending: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+
+        def add(acc: dict[int, torch.Tensor], j: int, x: torch.Tensor) -> None:
+            acc[j] = x if j not in acc else acc[j] + x
+
+        def read(site: Site) -> Callable:
+            d = self.dicts[site]
+
+            def hook(act: torch.Tensor, hook) -> None:
+                b, p = act.shape[:2]
+                x_flat = act.reshape(b * p, -1)
+                active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
+                latents = spec.latents[site] if site in spec.latents else d.encode(x_flat).reshape(b, p, -1)
+                skip = d.skip_term(x_flat).reshape(b, p, -1) if d.W_skip is not None else 0.0
+                clean = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip
+                used = clean
+                if spec.edit_latents is not None:
+                    latents = spec.edit_latents(site, latents)
+                    used = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip
+                if site in spec.offsets:
+                    used = used + spec.offsets[site]
+                for j in range(site.layer, site.layer + d.cfg.out_layers):
+                    cols = layer_slice(site, j, width)
+                    add(clean_sum, j, clean[..., cols])
+                    add(used_sum, j, used[..., cols])
+                pending[site] = (latents, act.reshape(b, p, -1), active)
+
+            return hook
+
+        def write(site: Site) -> Callable:
+            def hook(act: torch.Tensor, hook) -> torch.Tensor:
+                b, p = act.shape[:2]
+                clean, used = clean_sum.pop(site.layer), used_sum.pop(site.layer)
+                errors = spec.errors[site] if site in spec.errors else act.reshape(b, p, -1) - clean
+                if spec.edit_errors is not None:
+                    errors = spec.edit_errors(site, errors)
+                latents, inputs, active = pending.pop(site)
+                out[site] = SiteRecord(latents, errors, inputs, active)
+                if not touched:
+                    return act  # the writes plus their error are the activation: return it bit-exactly
+                new = torch.cat([act[:, :1].reshape(b, 1, -1), (used + errors)[:, 1:]], dim=1)
+                return new.reshape(act.shape).to(act.dtype)
+
+            return hook
+
+        return [(s.input_hook, read(s)) for s in sites] + [(s.output_hook, write(s)) for s in sites]
+
     @contextmanager
     def spliced(self, spec: SpliceSpec | None = None, record_frozen: FrozenState | None = None) -> Iterator[dict[Site, SiteRecord]]:
         """Context in which ``self.model``'s forward passes run spliced; yields the per-site record."""
@@ -175,7 +240,9 @@ class ReplacementModel:
         if record_frozen is not None:
             hooks.extend(record_frozen_hooks(self.model, record_frozen))
         for site in self.dicts:
-            hooks.extend(self._site_hooks(site, spec, out))
+            if not site.is_cross_layer:
+                hooks.extend(self._site_hooks(site, spec, out))
+        hooks.extend(self._clt_hooks(spec, out))
         with self.model.hooks(fwd_hooks=hooks):
             yield out
 

@@ -54,6 +54,11 @@ class CorpusConfig:
             raise ValueError(f"induction_span={self.induction_span} must satisfy 2 <= lo <= hi")
 
 
+TASK_RICH = CorpusConfig(seed=1, p_ioi=0.34, p_agreement=0.33, p_greater_than=0.33, p_induction_doc=0.8)
+"""A training mix of task sentences only (no filler sentences) and more repeated spans: the
+"task-rich token mix" lever of the ceiling study (``--corpus-mix task-rich``)."""
+
+
 class ToyCorpus:
     """Generates toy-language documents and packs them into token sequences."""
 

@@ -1,0 +1,185 @@
+"""Ceiling study: which dictionary levers make circuits explained by features, not error terms.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/study_ceiling.py --threads 2 \
+        [--levers base,width8,...] [--tokens 1M] [--out runs/ceiling] [--n 64]
+
+For every *lever* (a dictionary recipe: site mix, width, k, end-to-end KL, token mix, transcoder
+skip, interaction penalty, cross-layer transcoders) the script trains one dictionary set on the
+embedded model (or loads a committed one), then measures, on each of the four tasks:
+
+* the features-only **ceiling**: every feature kept, every error node ablated (held-out prompts);
+* the **smallest circuit** (top attribution scores; feature *and* error nodes counted) whose
+  features-only faithfulness reaches ``--target`` on the selection prompts, and its held-out
+  features-only faithfulness and faithfulness;
+
+and per set: CE loss recovered (min and mean over sites), FVU, L0, dead fraction (the worst site,
+over 2,000 held-out sequences) and training seconds. Patch ablation, ``--n`` selection prompts
+and ``--n`` disjoint held-out prompts per task.
+
+Each finished lever is appended to ``OUT/results.jsonl`` (a rerun skips it: nothing is lost if
+the study is stopped); trained sets stay under ``OUT/<lever>/``. ``--table`` prints the markdown
+table and writes ``OUT/ceiling.svg`` from the results so far, without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from circuitgraph.attribution.ablation import Ablator, evaluate_circuit  # noqa: E402
+from circuitgraph.attribution.circuit import smallest_circuit  # noqa: E402
+from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
+from circuitgraph.cli.config_flags import int_with_suffix  # noqa: E402
+from circuitgraph.models.loading import DEFAULT_DICTS_DIR, SPARSE_INTERACTION_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.replacement import ReplacementModel  # noqa: E402
+from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset  # noqa: E402
+from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus  # noqa: E402
+from circuitgraph.viewer.study_plot import ceiling_svg  # noqa: E402
+from dictionaries.metrics import evaluate_dictionaries  # noqa: E402
+from dictionaries.persistence import load_dictionaries  # noqa: E402
+from dictionaries.site import expand_sites  # noqa: E402
+from dictionaries.training import TrainConfig, train_dictionaries  # noqa: E402
+
+TASKS = ("ioi", "agreement", "greater_than", "induction")
+BASE = TrainConfig(expansion=4, k=16, grad_clip=0.0, checkpoint_every=50)
+
+# name -> (description, site kinds, TrainConfig overrides, corpus, committed folder or None)
+LEVERS: dict[str, tuple[str, str, dict, str, Path | None]] = {
+    "committed": ("committed set (attn_z + transcoder, x4, k 16, 2M tokens)", "attn_z,transcoder", {}, "default",
+                  DEFAULT_DICTS_DIR),
+    "committed_resid": ("committed set, residual stream only (x4, k 16, 2M tokens)", "resid_post", {}, "default",
+                        DEFAULT_DICTS_DIR),
+    "committed_mlp": ("committed set, attn_z + mlp_out (x4, k 16, 2M tokens)", "attn_z,mlp_out", {}, "default",
+                      DEFAULT_DICTS_DIR),
+    "interaction": ("committed sparse-interaction set (attn_z + transcoder)", "attn_z,transcoder", {}, "default",
+                    SPARSE_INTERACTION_DICTS_DIR),
+    "base": ("attn_z + transcoder, x4, k 16", "attn_z,transcoder", {}, "default", None),
+    "width8": ("width x8", "attn_z,transcoder", {"expansion": 8}, "default", None),
+    "width16": ("width x16", "attn_z,transcoder", {"expansion": 16}, "default", None),
+    "width32": ("width x32", "attn_z,transcoder", {"expansion": 32}, "default", None),
+    "k8": ("k 8 (x4)", "attn_z,transcoder", {"k": 8}, "default", None),
+    "k32": ("k 32 (x4)", "attn_z,transcoder", {"k": 32}, "default", None),
+    "k32_width16": ("k 32, x16", "attn_z,transcoder", {"k": 32, "expansion": 16}, "default", None),
+    "e2e": ("end-to-end KL term 10 (x4)", "attn_z,transcoder", {"e2e_kl_coeff": 10.0}, "default", None),
+    "taskmix": ("task-rich token mix (x4)", "attn_z,transcoder", {}, "task-rich", None),
+    "skip": ("transcoders with a linear skip (x4)", "attn_z,transcoder", {"transcoder_skip": True}, "default", None),
+    "skip_width16": ("linear skip, x16", "attn_z,transcoder", {"transcoder_skip": True, "expansion": 16}, "default",
+                     None),
+    "clt": ("cross-layer transcoder + attn_z (x4)", "attn_z,clt", {}, "default", None),
+    "clt_width16": ("cross-layer transcoder + attn_z, x16", "attn_z,clt", {"expansion": 16}, "default", None),
+}
+
+
+def corpus(kind: str) -> ToyCorpus:
+    return ToyCorpus(TASK_RICH if kind == "task-rich" else CorpusConfig(seed=1))
+
+
+def dictionary_set(model, name: str, tokens: int, out: Path, threads: int) -> tuple[dict, float | None, dict]:
+    desc, kinds, over, mix, committed = LEVERS[name]
+    wanted = set(kinds.split(","))
+    if committed is not None:
+        dicts = {s: d for s, d in load_dictionaries(committed).items() if s.kind in wanted}
+        return dicts, None, {"tokens": None}
+    cfg = replace(BASE, tokens=tokens, **over)
+    folder = out / name
+    seconds = None
+    if not (folder / "train_config.json").is_file():
+        sites = expand_sites(kinds, "all", model.cfg.n_layers)
+        seconds = train_dictionaries(model, sites, corpus(mix), cfg, folder).seconds
+        (folder / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}) + "\n")
+    elif (folder / "train_seconds.json").is_file():
+        seconds = json.loads((folder / "train_seconds.json").read_text())["seconds"]
+    return load_dictionaries(folder), seconds, {"tokens": cfg.tokens, "expansion": cfg.expansion, "k": cfg.k}
+
+
+def measure(model, dicts: dict, n: int, target: float) -> dict:
+    held_text = ToyCorpus(CorpusConfig(seed=12345))
+    metrics = evaluate_dictionaries(model, dicts, held_text.sequences(0, 64), density_tokens=held_text.sequences(64, 2000))
+    row: dict = {
+        "ce_recovered_min": min(m.ce_recovered for m in metrics.values()),
+        "ce_recovered_mean": sum(m.ce_recovered for m in metrics.values()) / len(metrics),
+        "fvu_mean": sum(m.fvu for m in metrics.values()) / len(metrics),
+        "fvu_max": max(m.fvu for m in metrics.values()),
+        "l0_mean": sum(m.l0 for m in metrics.values()) / len(metrics),
+        "dead_max": max(m.dead_frac for m in metrics.values()),
+        "latents": sum(d.cfg.d_dict for d in dicts.values()),
+        "sites": sorted(s.id for s in dicts),
+        "tasks": {},
+    }
+    rm = ReplacementModel(model, dicts)
+    for task in TASKS:
+        ds = make_dataset(task, model, n=n, seed=0)
+        held = make_disjoint_dataset(task, model, n, ds)
+        scores = score_nodes(rm, ds, DatasetAttributionConfig(progress=False))
+        found = smallest_circuit(Ablator(rm, scores.runs), scores, target, kind="faithfulness_features_only")
+        ev = evaluate_circuit(Ablator(rm, held), found.circuit)
+        row["tasks"][task] = {
+            "ceiling": ev.ceiling, "nodes": ev.n_nodes, "feature_nodes": ev.n_feature_nodes, "error_nodes": ev.n_error_nodes,
+            "reached_on_selection": found.reached, "features_only": ev.faithfulness_features_only,
+            "faithfulness": ev.faithfulness, "selection_features_only": found.value,
+        }
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| lever | latents | CE rec. min / mean | FVU mean | L0 | dead max | train s | "
+            + " | ".join(f"{t} ceiling / nodes (feat-only)" for t in TASKS) + " |")
+    lines = [head, "|" + " --- |" * (7 + len(TASKS))]
+    for r in rows:
+        cells = []
+        for t in TASKS:
+            m = r["tasks"][t]
+            nodes = f"{m['nodes']}" if m["reached_on_selection"] else f">{m['nodes']}"
+            cells.append(f"{m['ceiling']:.3f} / {nodes} ({m['features_only']:.2f})")
+        secs = f"{r['train_s']:.0f}" if r.get("train_s") else "–"
+        lines.append(f"| {r['lever']} | {r['latents']} | {r['ce_recovered_min']:.3f} / {r['ce_recovered_mean']:.3f} | "
+                     f"{r['fvu_mean']:.3f} | {r['l0_mean']:.1f} | {r['dead_max']:.3f} | {secs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levers", default=",".join(LEVERS))
+    ap.add_argument("--tokens", type=int_with_suffix, default=1_000_000, help="training tokens per dictionary")
+    ap.add_argument("--out", default="runs/ceiling")
+    ap.add_argument("--n", type=int, default=64, help="selection prompts and held-out prompts per task")
+    ap.add_argument("--target", type=float, default=0.8)
+    ap.add_argument("--table", action="store_true", help="only print the table and write the plot")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {json.loads(line)["lever"]: json.loads(line) for line in results.read_text().splitlines()} if results.is_file() else {}
+    if not args.table:
+        model = load_default()
+        for name in args.levers.split(","):
+            if name not in LEVERS:
+                raise SystemExit(f"unknown lever {name!r}; choose from {', '.join(LEVERS)}")
+            if name in done:
+                continue
+            t0 = time.perf_counter()
+            dicts, seconds, recipe = dictionary_set(model, name, args.tokens, out, args.threads)
+            row = {"lever": name, "description": LEVERS[name][0], "train_s": seconds, "threads": args.threads,
+                   **recipe, **measure(model, dicts, args.n, args.target)}
+            row["study_s"] = time.perf_counter() - t0
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[name] = row
+            print(json.dumps({"lever": name, **{t: round(row["tasks"][t]["ceiling"], 3) for t in TASKS}}), flush=True)
+    rows = [done[n] for n in LEVERS if n in done]
+    print(table(rows))
+    (out / "ceiling.svg").write_text(ceiling_svg(rows, TASKS))
+
+
+if __name__ == "__main__":
+    main()

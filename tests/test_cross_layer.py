@@ -1,0 +1,212 @@
+"""Cross-layer transcoders: planted features recovered, spliced logits exact, edges equal
+interventions, dataset circuits, circuit-tracer's format (golden file written by circuit-tracer)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes
+from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
+from circuitgraph.errors import CircuitGraphError
+from circuitgraph.replacement import ReplacementModel, SpliceSpec
+from circuitgraph.tasks.registry import make_dataset
+from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+from dictionaries.architectures.registry import build_dictionary
+from dictionaries.circuit_tracer_format import load_clt_circuit_tracer, save_clt_circuit_tracer
+from dictionaries.config import DictionaryConfig
+from dictionaries.cross_layer import clt_losses, initialise_clt
+from dictionaries.errors import DictionaryError
+from dictionaries.metrics import mmcs
+from dictionaries.persistence import load_dictionaries
+from dictionaries.site import Site, expand_sites
+from dictionaries.training import TrainConfig, train_dictionaries
+
+from .test_dataset_circuits import check_evaluator_against_spliced_runs
+from .test_linear_attribution import PROMPT, _frozen_value
+
+GOLDEN = Path(__file__).with_name("fixtures") / "circuit_tracer_clt"
+
+
+@pytest.fixture(scope="module")
+def clt_dicts(default_model, tmp_path_factory):
+    """A small BatchTopK CLT at every layer of the embedded model (50 steps of 1,024 tokens)."""
+    cfg = TrainConfig(arch="batchtopk", expansion=2, k=8, tokens=50 * 1024, batch_tokens=1024, chunk_sequences=32,
+                      model_batch=16, warmup_steps=5, checkpoint_every=1000)
+    out = tmp_path_factory.mktemp("clt")
+    sites = expand_sites("clt", "all", default_model.cfg.n_layers)
+    return train_dictionaries(default_model, sites, ToyCorpus(CorpusConfig(seed=1, seq_len=64)), cfg, out).dictionaries
+
+
+@pytest.fixture(scope="module")
+def mixed_clt64(model64, dicts64, clt_dicts):
+    """attn_z dictionaries (committed) + the CLT, float64."""
+    dicts = {s: d for s, d in dicts64.items() if s.kind == "attn_z"}
+    dicts.update({s: copy.deepcopy(d).double() for s, d in clt_dicts.items()})
+    return ReplacementModel(model64, dicts)
+
+
+def test_planted_cross_layer_features_recovered():
+    """Synthetic 3-layer data: sparse features at each layer are read from that layer's input and
+    write (known directions) into that layer's output and every later one. Joint CLT training
+    recovers the planted decoders (rows over all written layers) with MMCS >= 0.9."""
+    g = torch.Generator().manual_seed(0)
+    n_layers, d, f, n = 3, 24, 32, 16384
+    enc_dirs = [torch.nn.functional.normalize(torch.randn(f, d, generator=g), dim=1) for _ in range(n_layers)]
+    dec_true = [torch.nn.functional.normalize(torch.randn(f, (n_layers - i) * d, generator=g), dim=1)
+                for i in range(n_layers)]
+    codes = []
+    for _ in range(n_layers):
+        idx = torch.rand(n, f, generator=g).argsort(1)[:, :3]  # exactly 3 active features per token and layer
+        active = torch.zeros(n, f).scatter(1, idx, 1.0)
+        codes.append(active * (0.5 + torch.rand(n, f, generator=g)))
+    xs = [codes[i] @ enc_dirs[i] for i in range(n_layers)]
+    ys = [sum(codes[i] @ dec_true[i][:, (j - i) * d:(j - i + 1) * d] for i in range(j + 1)) for j in range(n_layers)]
+    sites = [Site(i, "clt") for i in range(n_layers)]
+    dicts = {s: build_dictionary(DictionaryConfig("topk", d, 2 * f, (n_layers - s.layer) * d, k=3,
+                                                  out_layers=n_layers - s.layer), seed=s.layer) for s in sites}
+    for s in sites:
+        initialise_clt(dicts[s], xs[s.layer][:4096], ys[s.layer][:4096])
+    params = [p for d_ in dicts.values() for p in d_.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(600):
+        rows = torch.randint(0, n, (1024,), generator=g)
+        terms = clt_losses(dicts, {s: xs[s.layer][rows] for s in sites}, {s: ys[s.layer][rows] for s in sites})
+        sum(t.total for t in terms.values()).backward()
+        for d_ in dicts.values():
+            d_.remove_parallel_gradient()
+        opt.step()
+        opt.zero_grad()
+        for s, d_ in dicts.items():
+            d_.constrain_decoder()
+            d_.update_firing(terms[s].fired, 1024)
+    for s in sites:
+        learned = dicts[s].decoder_directions().detach()
+        assert mmcs(dec_true[s.layer], learned) >= 0.9, (s.id, mmcs(dec_true[s.layer], learned))
+    # and the last layer's output, written by the features of all three layers, is reconstructed
+    with torch.no_grad():
+        terms = clt_losses(dicts, {s: xs[s.layer][:4096] for s in sites}, {s: ys[s.layer][:4096] for s in sites})
+        y = ys[-1][:4096] * dicts[sites[-1]].norm_out
+        fvu = float(terms[sites[-1]].mse) / float((y - y.mean(0)).pow(2).sum(-1).mean())
+    assert fvu < 0.05, fvu
+
+
+def test_spliced_logits_exact(mixed_clt64, model64):
+    tokens = model64.to_tokens(PROMPT)
+    rm = mixed_clt64
+    with torch.no_grad():
+        clean = model64(tokens)
+        untouched = rm.run(tokens).logits
+        zeros = {s: torch.zeros(1, tokens.shape[1], d.cfg.out_width, dtype=torch.float64) for s, d in rm.dicts.items()}
+        touched = rm.run(tokens, SpliceSpec(offsets=zeros)).logits  # every output recomputed as writes + error
+    assert torch.equal(clean, untouched)
+    assert (touched - clean).abs().max() < 1e-10
+
+
+def test_clt_edges_equal_interventions(mixed_clt64, model64):
+    rm = mixed_clt64
+    tokens = model64.to_tokens(PROMPT)
+    g = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
+    with torch.no_grad():
+        clean = rm.run(tokens, record_frozen=True)
+    rng = random.Random(0)
+    site_of = {s.id: s for s in rm.sites}
+    big = (g.weights.abs() > 1e-3).nonzero().squeeze(1).tolist()
+    rng.shuffle(big)
+    # a CLT feature's direct edges carry its writes into every later layer (no same-layer targets:
+    # nothing at layer L reads that layer's MLP output)
+    checked = {"clt->next layer": 0, "clt->2+ layers on": 0, "clt->logit": 0, "error": 0, "token": 0, "attn": 0}
+    for e in big:
+        src, tgt = g.nodes[int(g.sources[e])], g.nodes[int(g.targets[e])]
+        if src.kind == "feature" and src.site.endswith(".clt"):
+            if tgt.kind != "feature":
+                key = "clt->logit"
+            else:
+                gap = site_of[tgt.site].layer - site_of[src.site].layer
+                assert gap >= 1 or tgt.site.endswith("attn_z"), (src.id, tgt.id)
+                key = "clt->next layer" if gap == 1 else "clt->2+ layers on" if gap > 1 else "attn"
+        elif src.kind == "feature":
+            key = "attn"
+        else:
+            key = src.kind
+        if checked.get(key, 99) >= 12:
+            continue
+        source = (site_of.get(src.site), src.index)
+        before = _frozen_value(rm, tokens, clean, tgt, source, src.pos, "none")
+        after = _frozen_value(rm, tokens, clean, tgt, source, src.pos, src.kind)
+        w = float(g.weights[e])
+        assert abs((before - after) - w) <= 1e-4 * abs(w), (src.id, tgt.id, before - after, w)
+        checked[key] += 1
+        if all(v >= 12 for v in checked.values()):
+            break
+    assert all(v > 0 for v in checked.values()), checked
+    incoming = torch.zeros(g.n_nodes, dtype=torch.float64).index_add_(0, g.targets, g.weights.double())
+    targets = ~torch.isnan(g.bias)
+    assert ((incoming[targets] + g.bias[targets].double()) - g.activation[targets].double()).abs().max() < 1e-6
+
+
+def test_clt_dataset_circuit_matches_spliced_runs(default_model, default_dicts, clt_dicts):
+    """Dataset attribution scores CLT features, and every number of the evaluator equals a
+    hand-built spliced run, with the circuit "every node of L1.clt" (whose features write into
+    layers 1..3) in a set of attn_z dictionaries and the CLT."""
+    dicts = {s: d for s, d in default_dicts.items() if s.kind == "attn_z"}
+    dicts.update(clt_dicts)
+    rm = ReplacementModel(default_model, dicts)
+    scores = score_nodes(rm, make_dataset("ioi", default_model, n=8, seed=0), DatasetAttributionConfig(progress=False))
+    assert all(int((v != 0).sum()) > 0 for s, v in scores.features.items() if s.kind == "clt")
+    check_evaluator_against_spliced_runs(rm, default_model, Site(1, "clt"))
+
+
+def test_circuit_tracer_golden_file():
+    """Our reader on a folder written by circuit-tracer 0.5.0 reproduces its recorded features and
+    reconstructions (benchmarks/make_golden_circuit_tracer.py wrote it)."""
+    dicts = load_clt_circuit_tracer(GOLDEN)
+    want = load_file(str(GOLDEN / "expected.safetensors"))
+    x = want["inputs"]  # [n_layers, pos, d_model]
+    n = x.shape[0]
+    with torch.no_grad():
+        for i in range(n):
+            d = dicts[Site(i, "clt")]
+            assert torch.allclose(d.encode(x[i]), want["features"][i], atol=1e-5)
+        for j in range(n):
+            recon = sum(dicts[Site(i, "clt")](x[i]).output[:, (j - i) * x.shape[2]:(j - i + 1) * x.shape[2]]
+                        for i in range(j + 1))
+            assert torch.allclose(recon, want["reconstruction"][j], atol=1e-5)
+
+
+def test_circuit_tracer_export_round_trip(clt_dicts, default_model, tmp_path):
+    save_clt_circuit_tracer(clt_dicts, tmp_path / "ct")
+    back = load_dictionaries(tmp_path / "ct")
+    x = ToyCorpus(CorpusConfig(seed=5, seq_len=32)).sequences(0, 4)
+    _, cache = default_model.run_with_cache(x)
+    with torch.no_grad():
+        for s, d in clt_dicts.items():
+            h = cache[s.input_hook].reshape(-1, default_model.cfg.d_model)
+            assert torch.allclose(d.encode(h), back[s].encode(h), atol=1e-5)
+        zero = {s: torch.zeros(*x.shape, d.cfg.out_width) for s, d in clt_dicts.items()}
+        spliced = [ReplacementModel(default_model, ds).run(x, SpliceSpec(offsets=zero)) for ds in (clt_dicts, back)]
+        for s in clt_dicts:  # every layer's reconstruction (its error term) agrees
+            assert torch.allclose(spliced[0].sites[s].errors, spliced[1].sites[s].errors, atol=1e-4)
+    # and the written folder is what circuit-tracer's reader expects (names and shapes)
+    enc = load_file(str(tmp_path / "ct" / "W_enc_1.safetensors"))
+    assert set(enc) == {"W_enc_1", "b_enc_1", "b_dec_1", "threshold_1"}
+    assert load_file(str(tmp_path / "ct" / "W_dec_1.safetensors"))["W_dec_1"].shape[1] == default_model.cfg.n_layers - 1
+
+
+def test_clt_refusals(default_model, clt_dicts, tmp_path):
+    with pytest.raises(CircuitGraphError, match="consecutive and end at the last layer"):
+        ReplacementModel(default_model, {s: d for s, d in clt_dicts.items() if s.layer != 2})
+    topk = {s: build_dictionary(DictionaryConfig("topk", 128, 64, d.cfg.out_width, k=4, out_layers=d.cfg.out_layers))
+            for s, d in clt_dicts.items()}
+    with pytest.raises(DictionaryError, match="train with --arch batchtopk"):
+        save_clt_circuit_tracer(topk, tmp_path / "x")
+    with pytest.raises(DictionaryError, match="consecutive"):
+        train_dictionaries(default_model, [Site(1, "clt")], ToyCorpus(), TrainConfig(tokens=4096), tmp_path / "y")
+    with pytest.raises(DictionaryError, match="interaction penalty"):
+        train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(),
+                           TrainConfig(tokens=4096, interaction_penalty=1.0), tmp_path / "z")

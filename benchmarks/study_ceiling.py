@@ -42,13 +42,12 @@ from circuitgraph.models.loading import DEFAULT_DICTS_DIR, SPARSE_INTERACTION_DI
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset  # noqa: E402
 from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus  # noqa: E402
-from circuitgraph.viewer.study_plot import ceiling_svg  # noqa: E402
+from circuitgraph.viewer.study_plot import TASKS, ceiling_svg, study_markdown  # noqa: E402
 from dictionaries.metrics import evaluate_dictionaries  # noqa: E402
 from dictionaries.persistence import load_dictionaries  # noqa: E402
 from dictionaries.site import expand_sites  # noqa: E402
 from dictionaries.training import TrainConfig, train_dictionaries  # noqa: E402
 
-TASKS = ("ioi", "agreement", "greater_than", "induction")
 BASE = TrainConfig(expansion=4, k=16, grad_clip=0.0, checkpoint_every=50)
 
 # name -> (description, site kinds, TrainConfig overrides, corpus, committed folder or None)
@@ -129,22 +128,6 @@ def measure(model, dicts: dict, n: int, target: float) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| lever | latents | CE rec. min / mean | FVU mean | L0 | dead max | train s | "
-            + " | ".join(f"{t} ceiling / nodes (feat-only)" for t in TASKS) + " |")
-    lines = [head, "|" + " --- |" * (7 + len(TASKS))]
-    for r in rows:
-        cells = []
-        for t in TASKS:
-            m = r["tasks"][t]
-            nodes = f"{m['nodes']}" if m["reached_on_selection"] else f">{m['nodes']}"
-            cells.append(f"{m['ceiling']:.3f} / {nodes} ({m['features_only']:.2f})")
-        secs = f"{r['train_s']:.0f}" if r.get("train_s") else "–"
-        lines.append(f"| {r['lever']} | {r['latents']} | {r['ce_recovered_min']:.3f} / {r['ce_recovered_mean']:.3f} | "
-                     f"{r['fvu_mean']:.3f} | {r['l0_mean']:.1f} | {r['dead_max']:.3f} | {secs} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -177,7 +160,7 @@ def main() -> None:
             done[name] = row
             print(json.dumps({"lever": name, **{t: round(row["tasks"][t]["ceiling"], 3) for t in TASKS}}), flush=True)
     rows = [done[n] for n in LEVERS if n in done]
-    print(table(rows))
+    print(study_markdown(rows, TASKS))
     (out / "ceiling.svg").write_text(ceiling_svg(rows, TASKS))
 
 

@@ -210,3 +210,40 @@ def test_clt_refusals(default_model, clt_dicts, tmp_path):
     with pytest.raises(DictionaryError, match="interaction penalty"):
         train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(),
                            TrainConfig(tokens=4096, interaction_penalty=1.0), tmp_path / "z")
+
+
+def test_clt_through_the_cli(tmp_path, capsys):
+    """train-dictionaries --sites attn_z,clt, dicts export --to circuit-tracer, then trace (dataset
+    and prompt) and view with the exported CLT read back as a sub-folder of a dictionary folder."""
+    import json
+    import shutil
+
+    from circuitgraph.cli.main import main
+
+    d = tmp_path / "d"
+    assert main(["--threads", "1", "train-dictionaries", "--sites", "attn_z,clt", "--arch", "batchtopk", "--k", "8",
+                 "--expansion", "2", "--tokens", "40k", "--batch-tokens", "1024", "--chunk-sequences", "32",
+                 "--seq-len", "64", "--out", str(d)]) == 0
+    assert main(["dicts", "export", "--dicts", str(d), "--to", "circuit-tracer", "--out", str(tmp_path / "ct")]) == 0
+    mixed = tmp_path / "mixed"  # our attn_z folders + circuit-tracer's CLT files in a sub-folder
+    mixed.mkdir()
+    for sub in d.iterdir():
+        if sub.name.endswith(".attn_z"):
+            shutil.copytree(sub, mixed / sub.name)
+    shutil.copytree(tmp_path / "ct", mixed / "clt")
+    capsys.readouterr()
+    assert main(["trace", "--dicts", str(mixed), "--sites", "attn_z,clt", "--task", "ioi", "--n", "8", "--eval-n", "8",
+                 "--max-nodes", "40", "--describe-seqs", "0", "--out", str(tmp_path / "g"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_nodes"] == 40 and "ceiling" in summary
+    from circuitgraph.graph.graph import Graph
+
+    g = Graph.load(tmp_path / "g")
+    assert [s for s in g.metadata["sites"] if s.endswith(".clt")] == ["L0.clt", "L1.clt", "L2.clt", "L3.clt"]
+    assert any(n.kind == "feature" and n.site.endswith(".clt") for n in g.nodes)
+    assert main(["trace", "--dicts", str(mixed), "--sites", "attn_z,clt", "--prompt",
+                 "When Mary and John went to the park, John gave a book to", "--describe-seqs", "0",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["view", str(tmp_path / "p"), "--out", str(tmp_path / "p.html")]) == 0
+    page = (tmp_path / "p.html").read_text()
+    assert ".clt" in page

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
 from circuitgraph.models import resolve_model
-from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
+from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus
 from dictionaries import distributed
 from dictionaries.errors import DictionaryError
 from dictionaries.metrics import evaluate_dictionaries, mmcs
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-column", default="text", help="text column of --hf-dataset")
     p.add_argument("--hf-sequences", type=int, default=20_000, help="sequences taken from the start of --hf-dataset")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for --text, --hf-dataset and the toy corpus")
+    p.add_argument("--corpus-mix", choices=("default", "task-rich"), default="default",
+                   help="toy corpus only: the default mixture, or task sentences only with more repeated spans")
     p.add_argument("--device", default="cpu")
     add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=run_train)
@@ -62,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=run_eval)
     rp = sub.add_parser("report", help="HTML report of dictionaries: L0-FVU frontier, CE recovered, density histograms")
     rp.add_argument("--model", default="default")
-    rp.add_argument("--dicts", required=True, help="one or more dictionary folders, comma-separated (compared on the frontier)")
+    rp.add_argument("--dicts", default="", help="one or more dictionary folders, comma-separated (compared on the frontier)")
+    rp.add_argument("--study", default=None,
+                    help="results.jsonl of benchmarks/study_ceiling.py: add the ceiling study's table and chart")
     rp.add_argument("--out", default="report.html")
     rp.add_argument("--n-seq", type=int, default=32, help="evaluation sequences for FVU and the CE metrics")
     rp.add_argument("--density-seqs", type=int, default=500, help="sequences for firing densities")
@@ -70,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--seq-len", type=int, default=128)
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=run_report)
+    ex = dsub.add_parser("export", help="write dictionaries in another library's format")
+    ex.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
+    ex.add_argument("--to", choices=("circuit-tracer",), required=True,
+                    help="circuit-tracer: the folder's cross-layer transcoder (clt sites) as W_enc_i / W_dec_i files")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=run_export)
     mm = dsub.add_parser("mmcs", help="mean max cosine similarity between the decoders of two dictionary sets")
     mm.add_argument("a", help="first dictionary folder (e.g. seed 0)")
     mm.add_argument("b", help="second dictionary folder (e.g. seed 1 or another width)")
@@ -92,6 +103,8 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
     if model.cfg.model_name != "circuitgraph-toy":
         log.info("no --text given: sampling text from %s itself (seed %d)", model.cfg.model_name, seed)
         return ModelSampledTokens(model, seq_len=args.seq_len, seed=seed)
+    if getattr(args, "corpus_mix", "default") == "task-rich":
+        return ToyCorpus(dataclasses.replace(TASK_RICH, seed=seed, seq_len=args.seq_len))
     return ToyCorpus(CorpusConfig(seed=seed, seq_len=args.seq_len))
 
 
@@ -153,6 +166,9 @@ def run_report(args: argparse.Namespace) -> int:
     from circuitgraph.viewer.report import render_report
 
     check_writable(args.out, is_file=True)
+    if not args.dicts and not args.study:
+        raise DictionaryError("nothing to report: pass --dicts FOLDER[,FOLDER] and/or --study results.jsonl")
+    study = _read_study(args.study) if args.study else None
     model = resolve_model(args.model, device=args.device)
     _check_eval_sizes(args, model)
     source = token_source(args, model, seed=EVAL_SEED)
@@ -163,8 +179,39 @@ def run_report(args: argparse.Namespace) -> int:
         dicts = load_dictionaries(folder, device=args.device)
         check_against_model(dicts, model.cfg)
         sets[folder] = evaluate_dictionaries(model, dicts, tokens, density_tokens=density_tokens)
-    Path(args.out).write_text(render_report(sets, f"dictionaries of {args.model}"), encoding="utf-8")
+    Path(args.out).write_text(render_report(sets, f"dictionaries of {args.model}", study=study), encoding="utf-8")
     print(args.out)
+    return 0
+
+
+def _read_study(path: str) -> list[dict]:
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise DictionaryError(f"cannot read --study {path}: {err.strerror}") from err
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            row["tasks"]  # noqa: B018 - a study row has per-task results
+        except (ValueError, KeyError, TypeError) as err:
+            raise DictionaryError(f"--study {path} line {i} is not a ceiling-study result row; pass the results.jsonl "
+                                  "that benchmarks/study_ceiling.py writes") from err
+        rows.append(row)
+    if not rows:
+        raise DictionaryError(f"--study {path} holds no results yet")
+    return rows
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_distinct, check_writable
+    from dictionaries.circuit_tracer_format import save_clt_circuit_tracer
+
+    check_writable(args.out)
+    check_distinct(args.out, args.dicts)
+    dicts = load_dictionaries(args.dicts)
+    folder = save_clt_circuit_tracer(dicts, args.out)
+    print(json.dumps({"out": str(folder), "format": args.to, "layers": sum(1 for s in dicts if s.is_cross_layer)}))
     return 0
 
 

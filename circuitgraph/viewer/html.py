@@ -25,7 +25,8 @@ from circuitgraph.graph.influence import influence, normalised_adjacency
 
 COLORS = {"token": "#9e9e9e", "error": "#bdbdbd", "logit": "#4caf50", "metric": "#2e7d32", "supernode": "#8e24aa",
           "component": "#ff9800", "resid_pre": "#1e88e5", "resid_mid": "#1e88e5", "resid_post": "#1565c0",
-          "attn_z": "#fb8c00", "mlp_out": "#e53935", "mlp_post": "#d81b60", "transcoder": "#c62828"}
+          "attn_z": "#fb8c00", "mlp_out": "#e53935", "mlp_post": "#d81b60", "transcoder": "#c62828",
+          "clt": "#ad1457"}
 
 _PANEL = """
 <div id="cg-panel" style="position:fixed;top:0;right:0;width:34%;height:100%;overflow:auto;background:#fafafa;

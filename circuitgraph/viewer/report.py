@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from circuitgraph.viewer.study_plot import study_html
 from dictionaries.metrics import DictionaryMetrics, density_histogram
 from dictionaries.site import Site
 
 KIND_COLORS = {"resid_pre": "#1e88e5", "resid_mid": "#42a5f5", "resid_post": "#1565c0", "mlp_out": "#e53935",
-               "attn_z": "#fb8c00", "mlp_post": "#d81b60", "transcoder": "#8e24aa"}
+               "attn_z": "#fb8c00", "mlp_post": "#d81b60", "transcoder": "#8e24aa",
+               "clt": "#6a1b9a"}
 MARKERS = ["circle", "square", "diamond", "triangle"]
 
 
@@ -106,12 +108,19 @@ def histogram_svg(site: Site, m: DictionaryMetrics, w: int = 220, h: int = 120) 
     return "".join(out)
 
 
-def render_report(sets: Mapping[str, Mapping[Site, DictionaryMetrics]], title: str = "dictionary report") -> str:
-    """The full page: frontier over every set, then per set its CE grid, table and histograms."""
+def render_report(sets: Mapping[str, Mapping[Site, DictionaryMetrics]], title: str = "dictionary report",
+                  study: Sequence[Mapping] | None = None) -> str:
+    """The full page: the ceiling study (when given: rows of ``benchmarks/study_ceiling.py``'s
+    results.jsonl), the frontier over every set, then per set its CE grid, table and histograms."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>",
-             "<body style='font:13px sans-serif;margin:16px'>", f"<h1>{html.escape(title)}</h1>",
-             "<h2>L0 - FVU frontier</h2>", frontier_svg(sets),
-             "<p>" + ", ".join(f"{html.escape(n)}: {MARKERS[i % len(MARKERS)]}" for i, n in enumerate(sets)) + "</p>"]
+             "<body style='font:13px sans-serif;margin:16px'>", f"<h1>{html.escape(title)}</h1>"]
+    if study:
+        parts += ["<h2>Ceiling study: features-only ceiling and smallest features-only circuit per recipe</h2>",
+                  "<p>Held-out prompts, patch ablation; nodes count error nodes; (x) = held-out features-only "
+                  "faithfulness of the smallest circuit reaching 0.8 on the selection prompts.</p>", study_html(study)]
+    if sets:
+        parts += ["<h2>L0 - FVU frontier</h2>", frontier_svg(sets),
+                  "<p>" + ", ".join(f"{html.escape(n)}: {MARKERS[i % len(MARKERS)]}" for i, n in enumerate(sets)) + "</p>"]
     for name, metrics in sets.items():
         parts.append(f"<h2>{html.escape(name)}: CE loss recovered per layer and site</h2>")
         parts.append(ce_grid_svg(metrics))

@@ -1,4 +1,4 @@
-"""SVG chart of the ceiling study (``benchmarks/study_ceiling.py``): the features-only ceiling of
+"""Table and SVG chart of the ceiling study (``benchmarks/study_ceiling.py``): the features-only ceiling of
 each dictionary recipe on each task, one group of bars per recipe. Shared by the study script
 (which writes ``ceiling.svg`` for the README) and ``circuitgraph report --study``."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from html import escape
 
+TASKS = ("ioi", "agreement", "greater_than", "induction")
 COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2")
 
 
@@ -47,3 +48,38 @@ def ceiling_svg(rows: Sequence[Mapping], tasks: Sequence[str], bar: int = 9, h: 
     out.append(f'<text x="{left}" y="{top - 6}">features-only ceiling (held-out prompts, patch ablation)</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _cells(row: Mapping, tasks: Sequence[str]) -> list[str]:
+    secs = f"{row['train_s']:.0f}" if row.get("train_s") else "–"
+    cells = [str(row["lever"]), str(row["latents"]), f"{row['ce_recovered_min']:.3f} / {row['ce_recovered_mean']:.3f}",
+             f"{row['fvu_mean']:.3f}", f"{row['l0_mean']:.1f}", f"{row['dead_max']:.3f}", secs]
+    for t in tasks:
+        m = row["tasks"][t]
+        nodes = f"{m['nodes']}" if m["reached_on_selection"] else f">{m['nodes']}"
+        cells.append(f"{m['ceiling']:.3f} / {nodes} ({m['features_only']:.2f})")
+    return cells
+
+
+HEADER = ("recipe", "latents", "CE rec. min / mean", "FVU mean", "L0", "dead max", "train s")
+
+
+def study_markdown(rows: Sequence[Mapping], tasks: Sequence[str] = TASKS) -> str:
+    """Markdown table: per recipe, dictionary quality, then per task ``ceiling / nodes (held-out
+    features-only faithfulness of that circuit)``; ``>N``: the target was not reached within N nodes."""
+    head = [*HEADER, *(f"{t}: ceiling / nodes (feat-only)" for t in tasks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(_cells(r, tasks)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def study_html(rows: Sequence[Mapping], tasks: Sequence[str] = TASKS) -> str:
+    """The same table as HTML (every cell escaped), with the chart above it."""
+    head = [*HEADER, *(f"{t}: ceiling / nodes (feat-only)" for t in tasks)]
+    out = [ceiling_svg(rows, tasks), "<table border='1' cellspacing='0' cellpadding='3'><tr>"]
+    out += [f"<th>{escape(h)}</th>" for h in head]
+    out.append("</tr>")
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _cells(r, tasks)) + "</tr>")
+    out.append("</table>")
+    return "".join(out)

@@ -61,6 +61,9 @@ LEVERS: dict[str, tuple[str, str, dict, str, Path | None]] = {
     "interaction": ("committed sparse-interaction set (attn_z + transcoder)", "attn_z,transcoder", {}, "default",
                     SPARSE_INTERACTION_DICTS_DIR),
     "base": ("attn_z + transcoder, x4, k 16", "attn_z,transcoder", {}, "default", None),
+    "base_seed1": ("base recipe, another seed (the noise between two trainings)", "attn_z,transcoder", {"seed": 1},
+                   "default", None),
+    "base_2M": ("base recipe, 2M tokens", "attn_z,transcoder", {"tokens": 2_000_000}, "default", None),
     "width8": ("width x8", "attn_z,transcoder", {"expansion": 8}, "default", None),
     "width16": ("width x16", "attn_z,transcoder", {"expansion": 16}, "default", None),
     "width32": ("width x32", "attn_z,transcoder", {"expansion": 32}, "default", None),
@@ -87,7 +90,7 @@ def dictionary_set(model, name: str, tokens: int, out: Path, threads: int) -> tu
     if committed is not None:
         dicts = {s: d for s, d in load_dictionaries(committed).items() if s.kind in wanted}
         return dicts, None, {"tokens": None}
-    cfg = replace(BASE, tokens=tokens, **over)
+    cfg = replace(BASE, **{"tokens": tokens, **over})
     folder = out / name
     seconds = None
     if not (folder / "train_config.json").is_file():
@@ -97,6 +100,24 @@ def dictionary_set(model, name: str, tokens: int, out: Path, threads: int) -> tu
     elif (folder / "train_seconds.json").is_file():
         seconds = json.loads((folder / "train_seconds.json").read_text())["seconds"]
     return load_dictionaries(folder), seconds, {"tokens": cfg.tokens, "expansion": cfg.expansion, "k": cfg.k}
+
+
+def error_share(rm: ReplacementModel, ds) -> dict[str, float]:
+    """Per site: how much of the full metric is lost when only that site's error term is patched to
+    its corrupted value (every feature and every other error kept), as a fraction of the
+    full-vs-empty gap. Where the ceiling's missing part lives."""
+    from circuitgraph.attribution.ablation import faithfulness_ratio
+    from circuitgraph.attribution.nodeset import KeptNodes
+
+    ab = Ablator(rm, ds)
+    full, empty = ab.full(), ab.empty()
+    d = ab.d_dicts
+    out = {}
+    for s in rm.sites:
+        kept = KeptNodes.every(d)
+        kept.errors[s][:] = False
+        out[s.id] = 1.0 - faithfulness_ratio(ab.metric(kept), full, empty)
+    return out
 
 
 def measure(model, dicts: dict, n: int, target: float) -> dict:
@@ -120,7 +141,7 @@ def measure(model, dicts: dict, n: int, target: float) -> dict:
         scores = score_nodes(rm, ds, DatasetAttributionConfig(progress=False))
         found = smallest_circuit(Ablator(rm, scores.runs), scores, target, kind="faithfulness_features_only")
         ev = evaluate_circuit(Ablator(rm, held), found.circuit)
-        row["tasks"][task] = {
+        row["tasks"][task] = {"error_share": error_share(rm, held),
             "ceiling": ev.ceiling, "nodes": ev.n_nodes, "feature_nodes": ev.n_feature_nodes, "error_nodes": ev.n_error_nodes,
             "reached_on_selection": found.reached, "features_only": ev.faithfulness_features_only,
             "faithfulness": ev.faithfulness, "selection_features_only": found.value,
@@ -137,13 +158,28 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="selection prompts and held-out prompts per task")
     ap.add_argument("--target", type=float, default=0.8)
     ap.add_argument("--table", action="store_true", help="only print the table and write the plot")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="add the per-site error shares to finished rows that lack them (no training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = {json.loads(line)["lever"]: json.loads(line) for line in results.read_text().splitlines()} if results.is_file() else {}
-    if not args.table:
+    if args.diagnose:
+        model = load_default()
+        for name, row in done.items():
+            if "error_share" in row["tasks"]["ioi"]:
+                continue
+            dicts, _, _ = dictionary_set(model, name, args.tokens, out, args.threads)
+            rm = ReplacementModel(model, dicts)
+            for task in TASKS:
+                ds = make_dataset(task, model, n=args.n, seed=0)
+                row["tasks"][task]["error_share"] = error_share(rm, make_disjoint_dataset(task, model, args.n, ds))
+            print(json.dumps({"lever": name, "ioi_error_share": {k: round(v, 3) for k, v in
+                                                                 row["tasks"]["ioi"]["error_share"].items()}}), flush=True)
+        results.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    if not args.table and not args.diagnose:
         model = load_default()
         for name in args.levers.split(","):
             if name not in LEVERS:

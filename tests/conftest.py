@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-STORIES_DIR = SHARED / "models" / "stories260K"
+STORIES_DIR = Path(__file__).resolve().parent / "fixtures" / "stories260K"
+"""stories260K (llama2.c tinyllamas, MIT; see its LICENSE), committed as test data so no test skips."""
 
 
 @pytest.fixture(autouse=True)

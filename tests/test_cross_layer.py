@@ -236,6 +236,10 @@ def test_clt_through_the_cli(tmp_path, capsys):
                  "--max-nodes", "40", "--describe-seqs", "0", "--out", str(tmp_path / "g"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_nodes"] == 40 and "ceiling" in summary
+    assert main(["trace", "--dicts", str(mixed), "--sites", "attn_z,clt", "--task", "ioi", "--n", "8", "--eval-n", "8",
+                 "--method", "acdc", "--describe-seqs", "0", "--out", str(tmp_path / "a"), "--json"]) == 0
+    acdc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert acdc["method"] == "acdc" and acdc["n_nodes"] >= 1
     from circuitgraph.graph.graph import Graph
 
     g = Graph.load(tmp_path / "g")

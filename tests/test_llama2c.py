@@ -1,4 +1,4 @@
-"""llama2.c loader on the real stories260K checkpoint (skips when ../shared is absent).
+"""llama2.c loader on the real stories260K checkpoint.
 
 Checks against an independent plain-torch forward pass written from the format description, the
 known greedy continuation, and a direct re-implementation of llama2.c's ``encode``.
@@ -19,7 +19,6 @@ from .conftest import STORIES_DIR
 
 MODEL = STORIES_DIR / "stories260K.bin"
 TOKENIZER = STORIES_DIR / "tok512.bin"
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="../shared/models/stories260K is absent")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The pipeline on real pretrained weights (stories260K): sampled text, the story task, a traced
-circuit over freshly trained dictionaries. Skips when ../shared is absent."""
+circuit over freshly trained dictionaries."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dictionaries.training import TrainConfig, train_dictionaries
 from .conftest import STORIES_DIR
 
 MODEL = STORIES_DIR / "stories260K.bin"
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason="../shared/models/stories260K is absent")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help="build an attribution graph / circuit for a task dataset or one prompt")
     p.add_argument("--model", default="default", help="default, a model folder, a llama2.c .bin, or a TransformerLens name")
     p.add_argument("--dicts", default=None, help="dictionary folder (default: the committed ones for --model default)")
-    p.add_argument("--sites", default="attn_z,transcoder", help="site kinds to splice (one per output hook)")
+    p.add_argument("--sites", default=None,
+                   help="site kinds to splice, e.g. attn_z,clt (default: every site of --dicts; one per output hook)")
     p.add_argument("--layers", default="all", help="layers to splice: all, 0,2 or 1-3")
     p.add_argument("--task", default="ioi", help="task whose prompt dataset is traced")
     p.add_argument("--n", type=int, default=64, help="number of prompts")
@@ -109,11 +110,21 @@ def _load(args: argparse.Namespace):
         if args.model != "default":
             raise CircuitGraphError("pass --dicts DIR: committed dictionaries exist only for --model default")
         args.dicts = str(DEFAULT_DICTS_DIR)
+    dicts = load_dictionaries(args.dicts)
+    kinds = args.sites or ",".join(sorted({s.kind for s in dicts}))
     try:
-        wanted = set(expand_sites(args.sites, args.layers, model.cfg.n_layers))
+        wanted = set(expand_sites(kinds, args.layers, model.cfg.n_layers))
     except ValueError as err:
         raise CircuitGraphError(str(err)) from err
-    dicts = load_dictionaries(args.dicts)
+    if args.sites is None:
+        wanted &= set(dicts)
+        by_output: dict[str, list[str]] = {}
+        for s in wanted:
+            by_output.setdefault(s.output_hook, []).append(s.id)
+        clash = sorted(v for v in by_output.values() if len(v) > 1)
+        if clash:
+            raise CircuitGraphError(f"{args.dicts} holds several dictionaries for one output ({', '.join(clash[0])}); "
+                                    "choose the site kinds to splice with --sites, e.g. --sites attn_z,transcoder")
     missing = sorted(s.id for s in wanted - set(dicts))
     if missing:
         raise CircuitGraphError(f"{args.dicts} has no dictionaries for {', '.join(missing)}; train them or change --sites/--layers")

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from circuitgraph.attribution.acdc import AcdcConfig  # noqa: E402
 from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset  # noqa: E402
-from circuitgraph.models.loading import DEFAULT_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.models.loading import V1_DICTS_DIR, load_default  # noqa: E402
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset  # noqa: E402
 from dictionaries.persistence import load_dictionaries  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--acdc-max-nodes", type=int, default=None,
                     help="node budget for ACDC rows (default: none; ACDC's size is set by tau, and a capped set is one "
                          "ACDC never tested)")
-    ap.add_argument("--dicts", default=str(DEFAULT_DICTS_DIR))
+    ap.add_argument("--dicts", default=str(V1_DICTS_DIR))
     ap.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
                     help="feature nodes aggregated over positions, or one per offset from the answer position")
     ap.add_argument("--json", action="store_true", help="one JSON object per row")

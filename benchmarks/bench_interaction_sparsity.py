@@ -32,7 +32,7 @@ from circuitgraph.attribution.circuit import smallest_circuit  # noqa: E402
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
 from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt  # noqa: E402
 from circuitgraph.graph.sparsity import edges_to_fraction  # noqa: E402
-from circuitgraph.models.loading import DEFAULT_DICTS_DIR, SPARSE_INTERACTION_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.models.loading import SPARSE_INTERACTION_DICTS_DIR, V1_DICTS_DIR, load_default  # noqa: E402
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset  # noqa: E402
 from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus  # noqa: E402
@@ -80,7 +80,7 @@ def edges_per_feature(rm: ReplacementModel, tasks: list[str], n_prompts: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--baseline", default=str(DEFAULT_DICTS_DIR))
+    ap.add_argument("--baseline", default=str(V1_DICTS_DIR))
     ap.add_argument("--sparse", default=str(SPARSE_INTERACTION_DICTS_DIR))
     ap.add_argument("--tasks", default="ioi,agreement,greater_than,induction")
     ap.add_argument("--prompts", type=int, default=8, help="prompt graphs per task for edges per feature")

@@ -38,11 +38,17 @@ from circuitgraph.attribution.ablation import Ablator, evaluate_circuit  # noqa:
 from circuitgraph.attribution.circuit import smallest_circuit  # noqa: E402
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
 from circuitgraph.cli.config_flags import int_with_suffix  # noqa: E402
-from circuitgraph.models.loading import DEFAULT_DICTS_DIR, SPARSE_INTERACTION_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.models.loading import (  # noqa: E402
+    DEFAULT_DICTS_DIR,
+    SPARSE_INTERACTION_DICTS_DIR,
+    V1_DICTS_DIR,
+    load_default,
+)
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset  # noqa: E402
 from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus  # noqa: E402
 from circuitgraph.viewer.study_plot import TASKS, ceiling_svg, study_markdown  # noqa: E402
+from dictionaries.atomic import atomic_write_text  # noqa: E402
 from dictionaries.metrics import evaluate_dictionaries  # noqa: E402
 from dictionaries.persistence import load_dictionaries  # noqa: E402
 from dictionaries.site import expand_sites  # noqa: E402
@@ -52,14 +58,18 @@ BASE = TrainConfig(expansion=4, k=16, grad_clip=0.0, checkpoint_every=50)
 
 # name -> (description, site kinds, TrainConfig overrides, corpus, committed folder or None)
 LEVERS: dict[str, tuple[str, str, dict, str, Path | None]] = {
-    "committed": ("committed set (attn_z + transcoder, x4, k 16, 2M tokens)", "attn_z,transcoder", {}, "default",
-                  DEFAULT_DICTS_DIR),
-    "committed_resid": ("committed set, residual stream only (x4, k 16, 2M tokens)", "resid_post", {}, "default",
-                        DEFAULT_DICTS_DIR),
-    "committed_mlp": ("committed set, attn_z + mlp_out (x4, k 16, 2M tokens)", "attn_z,mlp_out", {}, "default",
-                      DEFAULT_DICTS_DIR),
-    "interaction": ("committed sparse-interaction set (attn_z + transcoder)", "attn_z,transcoder", {}, "default",
-                    SPARSE_INTERACTION_DICTS_DIR),
+    "default": ("the default set chosen by this study: attn_z + transcoder with a linear skip, x16, k 32, 4M tokens",
+                "attn_z,transcoder", {}, "default", DEFAULT_DICTS_DIR),
+    "default_unpruned": ("the same set before `dicts prune` removed the latents that never fired in training",
+                         "attn_z,transcoder", {}, "default", Path("runs/default_unpruned")),
+    "v1": ("first committed set (attn_z + transcoder, x4, k 16, 2M tokens)", "attn_z,transcoder", {}, "default",
+           V1_DICTS_DIR),
+    "v1_resid": ("first committed set, residual stream only (x4, k 16, 2M tokens)", "resid_post", {}, "default",
+                 V1_DICTS_DIR),
+    "v1_mlp": ("first committed set, attn_z + mlp_out (x4, k 16, 2M tokens)", "attn_z,mlp_out", {}, "default",
+               V1_DICTS_DIR),
+    "interaction": ("committed sparse-interaction set (attn_z + transcoder, x4, k 16, interaction penalty)",
+                    "attn_z,transcoder", {}, "default", SPARSE_INTERACTION_DICTS_DIR),
     "base": ("attn_z + transcoder, x4, k 16", "attn_z,transcoder", {}, "default", None),
     "base_seed1": ("base recipe, another seed (the noise between two trainings)", "attn_z,transcoder", {"seed": 1},
                    "default", None),
@@ -70,6 +80,12 @@ LEVERS: dict[str, tuple[str, str, dict, str, Path | None]] = {
     "k8": ("k 8 (x4)", "attn_z,transcoder", {"k": 8}, "default", None),
     "k32": ("k 32 (x4)", "attn_z,transcoder", {"k": 32}, "default", None),
     "k32_width16": ("k 32, x16", "attn_z,transcoder", {"k": 32, "expansion": 16}, "default", None),
+    "k64_width16": ("k 64, x16", "attn_z,transcoder", {"k": 64, "expansion": 16}, "default", None),
+    "skip_k32_width16": ("linear skip, k 32, x16", "attn_z,transcoder", {"transcoder_skip": True, "k": 32, "expansion": 16},
+                         "default", None),
+    "skip_k64_width8": ("linear skip, k 64, x8", "attn_z,transcoder", {"transcoder_skip": True, "k": 64, "expansion": 8},
+                        "default", None),
+    "mlp_out_width16": ("attn_z + mlp_out SAEs, x16", "attn_z,mlp_out", {"expansion": 16}, "default", None),
     "e2e": ("end-to-end KL term 10 (x4)", "attn_z,transcoder", {"e2e_kl_coeff": 10.0}, "default", None),
     "taskmix": ("task-rich token mix (x4)", "attn_z,transcoder", {}, "task-rich", None),
     "skip": ("transcoders with a linear skip (x4)", "attn_z,transcoder", {"transcoder_skip": True}, "default", None),
@@ -178,7 +194,7 @@ def main() -> None:
                 row["tasks"][task]["error_share"] = error_share(rm, make_disjoint_dataset(task, model, args.n, ds))
             print(json.dumps({"lever": name, "ioi_error_share": {k: round(v, 3) for k, v in
                                                                  row["tasks"]["ioi"]["error_share"].items()}}), flush=True)
-        results.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        atomic_write_text(results, "".join(json.dumps(r) + "\n" for r in done.values()))
     if not args.table and not args.diagnose:
         model = load_default()
         for name in args.levers.split(","):

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from circuitgraph.attribution.ablation import Ablator, faithfulness_ratio  # noqa: E402
 from circuitgraph.attribution.circuit import select_top, smallest_circuit  # noqa: E402
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
-from circuitgraph.models.loading import DEFAULT_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.models.loading import V1_DICTS_DIR, load_default  # noqa: E402
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.dataset import build_dataset  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=4, help="disjoint prompt groups per size (fewer when 64/n is less)")
     ap.add_argument("--target", type=float, default=0.8)
     ap.add_argument("--budget", type=int, default=200, help="node budget (feature and error nodes counted alike)")
-    ap.add_argument("--dicts", default=str(DEFAULT_DICTS_DIR), help="dictionary folder (default: the committed set)")
+    ap.add_argument("--dicts", default=str(V1_DICTS_DIR), help="dictionary folder (default: the first committed set, v1)")
     ap.add_argument("--method", default="attribution", choices=["attribution", "ig"], help="node scores")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from circuitgraph.attribution.ablation import Ablator  # noqa: E402
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes  # noqa: E402
 from circuitgraph.attribution.nodeset import AblatedNodes  # noqa: E402
-from circuitgraph.models.loading import DEFAULT_DICTS_DIR, load_default  # noqa: E402
+from circuitgraph.models.loading import V1_DICTS_DIR, load_default  # noqa: E402
 from circuitgraph.replacement import ReplacementModel  # noqa: E402
 from circuitgraph.tasks.registry import make_dataset  # noqa: E402
 from dictionaries.architectures.registry import rebuild_as  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default()
-    dicts = {s: d for s, d in load_dictionaries(DEFAULT_DICTS_DIR).items() if s.kind in ("attn_z", "transcoder")}
+    dicts = {s: d for s, d in load_dictionaries(V1_DICTS_DIR).items() if s.kind in ("attn_z", "transcoder")}
     ds = make_dataset(args.task, model, n=args.n, seed=1)
     print(f"# {args.task}, {args.n} prompts, patch baseline, IG {args.ig_steps} steps; effect = m(clean) - m(site patched)")
     print(f"{'dictionaries':12s} {'site':15s} {'exact':>8s} {'IG sum':>8s} {'AP sum':>8s} {'IG rel err':>10s} {'AP rel err':>10s}")

@@ -119,7 +119,16 @@ def load_clt_circuit_tracer(folder: str | Path, model_name: str = "") -> dict[Si
         n += 1
     if n == 0:
         raise DictionaryError(f"{folder} holds no W_enc_0.safetensors: not a circuit-tracer cross-layer transcoder")
+    for kind in ("W_enc", "W_dec"):
+        extra = sorted(p.name for p in folder.glob(f"{kind}_*.safetensors")
+                       if not p.stem.split("_")[-1].isdigit() or int(p.stem.split("_")[-1]) >= n)
+        missing = [f"{kind}_{i}.safetensors" for i in range(n) if not (folder / f"{kind}_{i}.safetensors").is_file()]
+        if extra or missing:
+            raise DictionaryError(f"{folder}: layers must be numbered 0..n-1 with one W_enc_i and one W_dec_i each; "
+                                  f"found W_enc_0..W_enc_{n - 1} but " + (f"missing {', '.join(missing)}" if missing
+                                                                          else f"also {', '.join(extra)}"))
     out: dict[Site, SparseDictionary] = {}
+    first: tuple[int, bool] = (0, False)
     for i in range(n):
         enc = _read(folder / f"W_enc_{i}.safetensors")
         dec = _read(folder / f"W_dec_{i}.safetensors")
@@ -130,6 +139,17 @@ def load_clt_circuit_tracer(folder: str | Path, model_name: str = "") -> dict[Si
         d_dict, d_model = w_enc.shape
         if tuple(w_dec.shape) != (d_dict, n - i, d_model):
             raise DictionaryError(f"{folder}: W_dec_{i} has shape {tuple(w_dec.shape)}, expected {(d_dict, n - i, d_model)}")
+        for name, t in (("W_enc", w_enc), ("b_enc", b_enc), ("b_dec", b_dec), ("W_dec", w_dec),
+                        ("threshold", enc.get(f"threshold_{i}"))):
+            if t is not None and not torch.isfinite(t).all():
+                raise DictionaryError(f"{folder}: {name}_{i} holds NaN or inf values; the file is corrupt")
+        shape = (d_model, f"threshold_{i}" in enc)
+        if i == 0:
+            first = shape
+        elif shape != first:
+            raise DictionaryError(f"{folder}: layer {i} (d_model {shape[0]}, threshold {'present' if shape[1] else 'absent'}) "
+                                  f"differs from layer 0 (d_model {first[0]}, threshold {'present' if first[1] else 'absent'}); "
+                                  "every layer of a CLT has the same width and activation")
         threshold = enc.get(f"threshold_{i}")
         arch = "jumprelu" if threshold is not None else "relu"
         cfg = DictionaryConfig(arch=arch, d_in=d_model, d_dict=d_dict, d_out=(n - i) * d_model, out_layers=n - i,

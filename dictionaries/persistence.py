@@ -115,7 +115,14 @@ def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, Spars
 
 
 def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> None:
-    """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths."""
+    """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths
+    (or a cross-layer transcoder's layers leave a gap: every later MLP output needs its writers)."""
+    from dictionaries.cross_layer import check_clt_sites
+
+    try:
+        check_clt_sites(list(dicts), model_cfg.n_layers)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
     model_name = getattr(model_cfg, "model_name", "")
     for site, d in dicts.items():
         try:

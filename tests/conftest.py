@@ -34,7 +34,18 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
+def v1_dicts():
+    """The first committed set (16 TopK dictionaries: resid_post, mlp_out, attn_z, transcoder at every
+    layer): every site kind the engine supports, which is what most tests need."""
+    from circuitgraph.models.loading import V1_DICTS_DIR
+    from dictionaries.persistence import load_dictionaries
+
+    return load_dictionaries(V1_DICTS_DIR)
+
+
+@pytest.fixture(scope="session")
 def default_dicts():
+    """The current default set (``make demo``, ``trace`` without ``--dicts``)."""
     from circuitgraph.models.loading import DEFAULT_DICTS_DIR
     from dictionaries.persistence import load_dictionaries
 
@@ -50,7 +61,7 @@ def model64(default_model):
 
 
 @pytest.fixture(scope="session")
-def dicts64(default_dicts):
+def dicts64(v1_dicts):
     import copy
 
-    return {s: copy.deepcopy(d).double() for s, d in default_dicts.items()}
+    return {s: copy.deepcopy(d).double() for s, d in v1_dicts.items()}

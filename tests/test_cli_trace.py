@@ -8,6 +8,7 @@ import pytest
 
 from circuitgraph.cli.main import main
 from circuitgraph.graph.graph import Graph
+from circuitgraph.models.loading import V1_DICTS_DIR
 
 
 def _json(capsys, argv) -> object:
@@ -28,8 +29,7 @@ def _python_api_trace(task: str, n: int, eval_n: int, cfg):
     from dictionaries.persistence import load_dictionaries
 
     model = load_default()
-    rm = ReplacementModel(model, {s: d for s, d in load_dictionaries(DEFAULT_DICTS_DIR).items()
-                                  if s.kind in ("attn_z", "transcoder")})
+    rm = ReplacementModel(model, load_dictionaries(DEFAULT_DICTS_DIR))  # the CLI's default: every site of the set
     ds = make_dataset(task, model, n=n, seed=0)
     return trace_dataset(rm, ds, cfg, make_disjoint_dataset(task, model, eval_n, ds, seed=1))
 
@@ -137,7 +137,8 @@ def test_trace_prompt_and_components(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["trace", "--sites", "mlp_out,transcoder", "--task", "ioi", "--n", "4"], "both replace"),
+    (["trace", "--dicts", str(V1_DICTS_DIR), "--sites", "mlp_out,transcoder", "--task", "ioi", "--n", "4"], "both replace"),
+    (["trace", "--dicts", str(V1_DICTS_DIR), "--task", "ioi", "--n", "4"], "several dictionaries for one output"),
     (["trace", "--task", "nope", "--n", "4"], "unknown task"),
     (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--target-faithfulness", "0.8"], "target_faithfulness"),
     (["trace", "--sites", "resid_post", "--layers", "7", "--task", "ioi", "--n", "4"], "out of range"),

@@ -150,11 +150,11 @@ def test_clt_edges_equal_interventions(mixed_clt64, model64):
     assert ((incoming[targets] + g.bias[targets].double()) - g.activation[targets].double()).abs().max() < 1e-6
 
 
-def test_clt_dataset_circuit_matches_spliced_runs(default_model, default_dicts, clt_dicts):
+def test_clt_dataset_circuit_matches_spliced_runs(default_model, v1_dicts, clt_dicts):
     """Dataset attribution scores CLT features, and every number of the evaluator equals a
     hand-built spliced run, with the circuit "every node of L1.clt" (whose features write into
     layers 1..3) in a set of attn_z dictionaries and the CLT."""
-    dicts = {s: d for s, d in default_dicts.items() if s.kind == "attn_z"}
+    dicts = {s: d for s, d in v1_dicts.items() if s.kind == "attn_z"}
     dicts.update(clt_dicts)
     rm = ReplacementModel(default_model, dicts)
     scores = score_nodes(rm, make_dataset("ioi", default_model, n=8, seed=0), DatasetAttributionConfig(progress=False))
@@ -251,3 +251,38 @@ def test_clt_through_the_cli(tmp_path, capsys):
     assert main(["view", str(tmp_path / "p"), "--out", str(tmp_path / "p.html")]) == 0
     page = (tmp_path / "p.html").read_text()
     assert ".clt" in page
+
+
+def test_corrupt_or_inconsistent_circuit_tracer_folders_refused(tmp_path, default_model):
+    """Review findings: NaN weights, a layer without the others' threshold, a missing W_enc_i and a
+    gap in a CLT's layers are refused with one clear line (they were read silently)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from dictionaries.persistence import check_against_model
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(GOLDEN, dst)
+        return dst
+
+    nan = copy("nan")
+    enc = load_file(str(nan / "W_enc_1.safetensors"))
+    enc["W_enc_1"][0, 0] = float("nan")
+    save_file(enc, str(nan / "W_enc_1.safetensors"))
+    with pytest.raises(DictionaryError, match="W_enc_1 holds NaN"):
+        load_dictionaries(nan)
+    mixed = copy("mixed")
+    enc = load_file(str(mixed / "W_enc_1.safetensors"))
+    del enc["threshold_1"]
+    save_file(enc, str(mixed / "W_enc_1.safetensors"))
+    with pytest.raises(DictionaryError, match="layer 1 .*threshold absent.* differs from layer 0"):
+        load_dictionaries(mixed)
+    hole = copy("hole")
+    (hole / "W_dec_1.safetensors").unlink()
+    with pytest.raises(DictionaryError, match="missing W_dec_1.safetensors"):
+        load_dictionaries(hole)
+    gap = {s: d for s, d in load_dictionaries(copy("ok")).items() if s.layer != 1}
+    with pytest.raises(DictionaryError, match="consecutive"):
+        check_against_model(gap, default_model.cfg)  # what dicts eval / report / prune / trace call first

@@ -17,8 +17,8 @@ from dictionaries.architectures.registry import rebuild_as
 
 
 @pytest.fixture(scope="module")
-def rm(default_model, default_dicts):
-    return ReplacementModel(default_model, {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")})
+def rm(default_model, v1_dicts):
+    return ReplacementModel(default_model, {s: d for s, d in v1_dicts.items() if s.kind in ("attn_z", "transcoder")})
 
 
 @pytest.mark.slow
@@ -91,13 +91,13 @@ def check_evaluator_against_spliced_runs(rm, default_model, kept_site) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline,steps,tol", [("patch", 32, 0.01), ("mean", 128, 0.015)])
-def test_ig_site_total_equals_exact_patching_of_that_site(default_model, default_dicts, baseline, steps, tol):
+def test_ig_site_total_equals_exact_patching_of_that_site(default_model, v1_dicts, baseline, steps, tol):
     """Integrated gradients of one site (every feature and its error, other sites clean, downstream
     re-encoded) sum to the exact effect of patching the whole site to its corrupted values. The
     dictionaries are continuous (ReLU copies of the committed ones): with TopK dictionaries
     downstream the metric jumps where a latent enters the top k, which no gradient sees
     (``benchmarks/study_ig_completeness.py`` measures that gap)."""
-    rm = ReplacementModel(default_model, {s: rebuild_as(d, "relu") for s, d in default_dicts.items()
+    rm = ReplacementModel(default_model, {s: rebuild_as(d, "relu") for s, d in v1_dicts.items()
                                           if s.kind in ("attn_z", "transcoder")})
     ds = make_dataset("ioi", default_model, n=8, seed=1)
     sc = score_nodes(rm, ds, DatasetAttributionConfig("ig", ig_steps=steps, progress=False, baseline=baseline))

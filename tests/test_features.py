@@ -27,8 +27,8 @@ PROMPT = "When Mary and John went to the park, John gave a book to"
 
 
 @pytest.fixture(scope="module")
-def rm(default_model, default_dicts):
-    return ReplacementModel(default_model, {SITE: default_dicts[SITE], Site(1, "attn_z"): default_dicts[Site(1, "attn_z")]})
+def rm(default_model, v1_dicts):
+    return ReplacementModel(default_model, {SITE: v1_dicts[SITE], Site(1, "attn_z"): v1_dicts[Site(1, "attn_z")]})
 
 
 def _top_feature(rm, tokens) -> int:

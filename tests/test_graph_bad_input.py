@@ -22,8 +22,8 @@ from dictionaries.token_sources import ModelSampledTokens
 
 
 @pytest.fixture(scope="module")
-def rm(default_model, default_dicts):
-    return ReplacementModel(default_model, {Site(1, "resid_post"): default_dicts[Site(1, "resid_post")]})
+def rm(default_model, v1_dicts):
+    return ReplacementModel(default_model, {Site(1, "resid_post"): v1_dicts[Site(1, "resid_post")]})
 
 
 def test_prompt_attribution_inputs(rm, default_model):

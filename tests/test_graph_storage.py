@@ -136,9 +136,9 @@ def test_a_changed_file_is_refused(tmp_path):
         Graph.load(folder / "full")
 
 
-def test_a_folder_that_is_not_a_graph_is_never_replaced(tmp_path, capsys, default_dicts):
+def test_a_folder_that_is_not_a_graph_is_never_replaced(tmp_path, capsys, v1_dicts):
     """--out naming a folder of other files (a project folder, a dictionary folder) is refused, never moved."""
-    from circuitgraph.models.loading import DEFAULT_DICTS_DIR
+    from circuitgraph.models.loading import V1_DICTS_DIR
 
     results = tmp_path / "results"
     (results / "sub").mkdir(parents=True)
@@ -149,7 +149,7 @@ def test_a_folder_that_is_not_a_graph_is_never_replaced(tmp_path, capsys, defaul
     dicts = tmp_path / "dicts"
     import shutil
 
-    shutil.copytree(DEFAULT_DICTS_DIR / "L0.attn_z", dicts / "L0.attn_z")
+    shutil.copytree(V1_DICTS_DIR / "L0.attn_z", dicts / "L0.attn_z")
     argv = ["trace", "--task", "ioi", "--n", "4", "--dicts", str(dicts), "--sites", "attn_z", "--layers", "0",
             "--out", str(dicts)]
     assert main(argv) == 2 and "is not a graph folder" in capsys.readouterr().err

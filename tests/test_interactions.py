@@ -46,10 +46,10 @@ def test_edges_to_fraction_counts_strongest_edges() -> None:
         edges_to_fraction(targets, weights, 4, 0.0)
 
 
-def _prompt_graph(model, default_dicts, task: str, seed: int):
+def _prompt_graph(model, v1_dicts, task: str, seed: int):
     """attn_z + transcoder dictionaries, one task prompt, its full direct-attribution graph as
     ``{node id: index}`` and ``{(source, target): weight}``."""
-    dicts = {s: d for s, d in default_dicts.items() if s.kind in ("attn_z", "transcoder")}
+    dicts = {s: d for s, d in v1_dicts.items() if s.kind in ("attn_z", "transcoder")}
     tokens = make_dataset(task, model, n=1, seed=seed).clean_tokens[0:1]
     graph = attribute_prompt(ReplacementModel(model, dicts), tokens,
                              LinearAttributionConfig(max_feature_nodes=100_000, progress=False))
@@ -58,10 +58,10 @@ def _prompt_graph(model, default_dicts, task: str, seed: int):
     return dicts, tokens, index, edges
 
 
-def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts) -> None:
+def test_penalised_interactions_are_the_graph_edges(default_model, v1_dicts) -> None:
     """a_i * J[i, j] from the training penalty equals the same-position direct edge that the graph
     engine computes between the two features (attention and normalisation frozen)."""
-    dicts, tokens, index, edges = _prompt_graph(default_model, default_dicts, "ioi", 3)
+    dicts, tokens, index, edges = _prompt_graph(default_model, v1_dicts, "ioi", 3)
     _, cache = default_model.run_with_cache(tokens)
     n_pos = tokens.shape[1]
     frozen = {ModelHooks.ln_scale(1, "ln2"): cache[ModelHooks.ln_scale(1, "ln2")][0].reshape(n_pos, 1)}
@@ -86,10 +86,10 @@ def test_penalised_interactions_are_the_graph_edges(default_model, default_dicts
     assert checked > 1000
 
 
-def test_attention_interactions_are_the_cross_position_graph_edges(default_model, default_dicts) -> None:
+def test_attention_interactions_are_the_cross_position_graph_edges(default_model, v1_dicts) -> None:
     """Writer -> attn_z reader: a_i(s) * J[t, s, i, j] through the frozen pattern equals the graph's
     edge from feature i at key position s to feature j at query position t."""
-    dicts, tokens, index, edges = _prompt_graph(default_model, default_dicts, "induction", 2)
+    dicts, tokens, index, edges = _prompt_graph(default_model, v1_dicts, "induction", 2)
     reader = Site(2, "attn_z")
     penalty = InteractionPenalty(default_model, [InteractionPair(TC0, reader), InteractionPair(AZ1, reader)], n_keys=64)
     acts = penalty.capture(tokens)
@@ -257,13 +257,13 @@ def test_penalty_without_pairs_is_a_clear_error(default_model, tmp_path) -> None
         TrainConfig(interaction_penalty=-1.0)
 
 
-def test_concentration_is_a_scale_free_effective_edge_count(default_model, default_dicts) -> None:
+def test_concentration_is_a_scale_free_effective_edge_count(default_model, v1_dicts) -> None:
     """The concentration penalty is the mean log effective number of incoming edges (L1^2 / L2^2) of
     each active reader latent: between 0 and log(number of edges), unchanged when the reader's
     pre-activations are rescaled, while the edge L1 scales with them."""
     import copy
 
-    dicts = {s: copy.deepcopy(d) for s, d in default_dicts.items() if s in (TC0, AZ1, TC1)}
+    dicts = {s: copy.deepcopy(d) for s, d in v1_dicts.items() if s in (TC0, AZ1, TC1)}
     pairs = parse_pairs("all", sorted(dicts))
     conc, edge = InteractionPenalty(default_model, pairs, "concentration"), InteractionPenalty(default_model, pairs, "edge")
     acts = conc.capture(ToyCorpus(CorpusConfig(seed=5, seq_len=32)).sequences(0, 4))
@@ -280,7 +280,7 @@ def test_concentration_is_a_scale_free_effective_edge_count(default_model, defau
         assert float(e1[pair]) == pytest.approx(3.0 * float(e0[pair]), rel=1e-5)
 
 
-def test_committed_sparse_interaction_set_is_more_concentrated(default_model, default_dicts) -> None:
+def test_committed_sparse_interaction_set_is_more_concentrated(default_model, v1_dicts) -> None:
     """The committed sparse-interaction dictionaries fit the model and every reader's effective
     fan-in (held-out text) is lower than with the committed plain dictionaries."""
     from circuitgraph.models.loading import SPARSE_INTERACTION_DICTS_DIR
@@ -288,7 +288,7 @@ def test_committed_sparse_interaction_set_is_more_concentrated(default_model, de
 
     sparse = load_dictionaries(SPARSE_INTERACTION_DICTS_DIR)
     check_against_model(sparse, default_model.cfg)
-    plain = {s: d for s, d in default_dicts.items() if s in sparse}
+    plain = {s: d for s, d in v1_dicts.items() if s in sparse}
     assert set(plain) == set(sparse) and len(sparse) == 8
     penalty = InteractionPenalty(default_model, parse_pairs("all", sorted(sparse)), "concentration")
     acts = penalty.capture(ToyCorpus(CorpusConfig(seed=777, seq_len=64)).sequences(0, 8))

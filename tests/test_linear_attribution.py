@@ -83,9 +83,9 @@ def test_every_site_kind_has_edges(mixed64):
     assert kinds == {"resid_post", "attn_z", "mlp_out", "transcoder"}
 
 
-def test_float32_graph_and_budget(default_model, default_dicts):
-    sites = [s for s in default_dicts if s.kind in ("attn_z", "transcoder")]
-    rm = ReplacementModel(default_model, {s: default_dicts[s] for s in sites})
+def test_float32_graph_and_budget(default_model, v1_dicts):
+    sites = [s for s in v1_dicts if s.kind in ("attn_z", "transcoder")]
+    rm = ReplacementModel(default_model, {s: v1_dicts[s] for s in sites})
     tokens = default_model.to_tokens(PROMPT)
     g = attribute_prompt(rm, tokens, LinearAttributionConfig(max_feature_nodes=50, batch_size=16, progress=False))
     n_feat = sum(n.kind == "feature" for n in g.nodes)
@@ -97,9 +97,9 @@ def test_float32_graph_and_budget(default_model, default_dicts):
     assert abs(float(g.target_weights.sum()) - float(g.target_weights[logit_idx].sum())) < 1e-9
 
 
-def test_metric_target(default_model, default_dicts):
-    sites = [s for s in default_dicts if s.kind == "resid_post"]
-    rm = ReplacementModel(default_model, {s: default_dicts[s] for s in sites})
+def test_metric_target(default_model, v1_dicts):
+    sites = [s for s in v1_dicts if s.kind == "resid_post"]
+    rm = ReplacementModel(default_model, {s: v1_dicts[s] for s in sites})
     tokens = default_model.to_tokens(PROMPT)
     mary, john = default_model.to_single_token(" Mary"), default_model.to_single_token(" John")
     metric = MetricTarget.logit_diff([mary], [john], default_model.cfg.d_vocab)

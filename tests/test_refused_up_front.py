@@ -45,14 +45,14 @@ def test_output_under_a_file_is_refused_first(tmp_path, capsys, argv):
     assert blocker.read_text() == "keep me"
 
 
-def test_dictionary_folder_must_match_its_cfg_and_model(tmp_path, default_model, default_dicts):
+def test_dictionary_folder_must_match_its_cfg_and_model(tmp_path, default_model, v1_dicts):
     import dataclasses
 
     from dictionaries.errors import DictionaryError
     from dictionaries.persistence import check_against_model, load_dictionaries, save_dictionary
     from dictionaries.site import Site
 
-    d1 = default_dicts[Site(1, "resid_post")]
+    d1 = v1_dicts[Site(1, "resid_post")]
     save_dictionary(d1, tmp_path / "wrong" / "L0.resid_post")  # layer-1 files in a layer-0 folder
     with pytest.raises(DictionaryError, match="trained for L1.resid_post, not L0.resid_post"):
         load_dictionaries(tmp_path / "wrong")
@@ -88,7 +88,7 @@ def test_killed_writes_leave_no_lasting_temporaries_and_modes_follow_the_umask(t
     assert load_checkpoint(path).meta["step"] == 2
 
 
-DICTS = "circuitgraph/models/default_dicts"
+DICTS = "circuitgraph/models/v1_dicts"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -17,8 +17,8 @@ def _pick(dicts, kinds):
 
 
 @pytest.mark.parametrize("kinds", MIXES)
-def test_spliced_forward_reproduces_logits(default_model, default_dicts, kinds):
-    rm = ReplacementModel(default_model, _pick(default_dicts, kinds))
+def test_spliced_forward_reproduces_logits(default_model, v1_dicts, kinds):
+    rm = ReplacementModel(default_model, _pick(v1_dicts, kinds))
     tokens = default_model.to_tokens(["When Mary and John went to the park, John gave a book to", "The keys"])
     with torch.no_grad():
         clean = default_model(tokens)
@@ -43,9 +43,9 @@ def test_leaf_forward_exact_in_float64(model64, dicts64):
         assert (rm.run(tokens, spec).logits - clean).abs().max() <= 1e-10
 
 
-def test_ablating_a_feature_changes_output_by_its_decoder_row(default_model, default_dicts):
+def test_ablating_a_feature_changes_output_by_its_decoder_row(default_model, v1_dicts):
     site = Site(2, "resid_post")
-    rm = ReplacementModel(default_model, {site: default_dicts[site]})
+    rm = ReplacementModel(default_model, {site: v1_dicts[site]})
     tokens = default_model.to_tokens("The keys to the cabinet are")
     seen = {}
     with torch.no_grad():
@@ -64,17 +64,17 @@ def test_ablating_a_feature_changes_output_by_its_decoder_row(default_model, def
         ref = {}
         with default_model.hooks(fwd_hooks=[(site.output_hook, lambda a, hook: ref.setdefault("x", a.clone()))]):
             default_model(tokens)
-    d = default_dicts[site]
+    d = v1_dicts[site]
     expected = ref["x"][0, 3] - lat[f] * d.decoder_directions()[f]
     assert torch.allclose(seen["x"][0, 3], expected, atol=1e-4)
 
 
-def test_two_dictionaries_on_one_output_are_refused(default_model, default_dicts):
+def test_two_dictionaries_on_one_output_are_refused(default_model, v1_dicts):
     with pytest.raises(CircuitGraphError, match="both replace"):
-        ReplacementModel(default_model, _pick(default_dicts, ("mlp_out", "transcoder")))
+        ReplacementModel(default_model, _pick(v1_dicts, ("mlp_out", "transcoder")))
 
 
-def test_too_long_prompt_is_refused(default_model, default_dicts):
-    rm = ReplacementModel(default_model, _pick(default_dicts, ("resid_post",)))
+def test_too_long_prompt_is_refused(default_model, v1_dicts):
+    rm = ReplacementModel(default_model, _pick(v1_dicts, ("resid_post",)))
     with pytest.raises(CircuitGraphError, match="context"):
         rm.run(torch.zeros(1, default_model.cfg.n_ctx + 1, dtype=torch.long))

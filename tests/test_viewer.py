@@ -115,20 +115,20 @@ def test_browser_renders_graph_and_never_runs_markup(tmp_path):
         driver.quit()
 
 
-def test_report_pictures(default_model, default_dicts, tmp_path, capsys):
+def test_report_pictures(default_model, v1_dicts, tmp_path, capsys):
     from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
     from circuitgraph.viewer.report import render_report
     from dictionaries.metrics import evaluate_dictionaries
 
-    sites = [s for s in default_dicts if s.layer == 1 and s.kind in ("resid_post", "attn_z")]
+    sites = [s for s in v1_dicts if s.layer == 1 and s.kind in ("resid_post", "attn_z")]
     tokens = ToyCorpus(CorpusConfig(seed=7, seq_len=32)).tokens(4)
-    m = evaluate_dictionaries(default_model, {s: default_dicts[s] for s in sites}, tokens)
+    m = evaluate_dictionaries(default_model, {s: v1_dicts[s] for s in sites}, tokens)
     page = render_report({"set <a>": m, "again": m})
     assert page.count("<svg") == 1 + 2 * (1 + len(sites))  # frontier; per set: CE grid + histograms
     assert "set <a>" not in page and "set &lt;a&gt;" in page
     for s in sites:
         assert f"{m[s].ce_recovered:.3f}" in page
-    assert main(["report", "--dicts", "circuitgraph/models/default_dicts", "--n-seq", "2", "--density-seqs", "4",
+    assert main(["report", "--dicts", "circuitgraph/models/v1_dicts", "--n-seq", "2", "--density-seqs", "4",
                  "--seq-len", "32", "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").read_text().count("<svg") == 1 + 1 + 16
 

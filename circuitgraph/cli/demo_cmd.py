@@ -25,14 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _ioi_circuit(model, dicts, out: str) -> dict:
-    """Build the IOI circuit (attention-z and transcoder features), print its faithfulness and the
+    """Build the IOI circuit over every dictionary of the default set, print its faithfulness and the
     features that drive the answer's logit difference, write the graph."""
     from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
     from circuitgraph.cli.trace_cmd import describe_into
     from circuitgraph.replacement import ReplacementModel
     from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
-    rm = ReplacementModel(model, {s: d for s, d in dicts.items() if s.kind in ("attn_z", "transcoder")})
+    rm = ReplacementModel(model, dicts)
     ds = make_dataset("ioi", model, n=64, seed=0)
     res = trace_dataset(rm, ds, CircuitConfig("attribution", max_nodes=200), make_disjoint_dataset("ioi", model, 64, ds))
     describe_into(res.graph, rm, argparse.Namespace(describe_seqs=128, model="default"), ds.clean_tokens)

@@ -75,6 +75,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--seq-len", type=int, default=128)
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=run_report)
+    pr = dsub.add_parser("prune", help="remove latents that never fire on the training stream")
+    pr.add_argument("--model", default="default")
+    pr.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
+    pr.add_argument("--out", required=True, help="output folder (may not be --dicts)")
+    pr.add_argument("--seqs", type=int, default=4000,
+                    help="sequences of the training stream (the toy corpus at the training seed, or --text) to count firing on")
+    pr.add_argument("--text", default=None, help="count on this text file instead of the training stream")
+    pr.add_argument("--seq-len", type=int, default=128)
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=run_prune)
     ex = dsub.add_parser("export", help="write dictionaries in another library's format")
     ex.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
     ex.add_argument("--to", choices=("circuit-tracer",), required=True,
@@ -201,6 +211,33 @@ def _read_study(path: str) -> list[dict]:
     if not rows:
         raise DictionaryError(f"--study {path} holds no results yet")
     return rows
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from circuitgraph.graph.storage import check_distinct, check_writable
+    from dictionaries.metrics import firing_density
+    from dictionaries.persistence import save_dictionaries
+    from dictionaries.prune import prune_latents
+
+    check_writable(args.out)
+    check_distinct(args.out, args.dicts)
+    if args.seqs <= 0:
+        raise DictionaryError(f"--seqs {args.seqs}: count firing on at least one sequence")
+    model = resolve_model(args.model, device=args.device)
+    dicts = load_dictionaries(args.dicts, device=args.device)
+    check_against_model(dicts, model.cfg)
+    train_cfg = Path(args.dicts) / "train_config.json"
+    seed = json.loads(train_cfg.read_text()).get("seed", 0) if train_cfg.is_file() else 0
+    tokens = token_source(args, model, seed=seed + 1).sequences(0, args.seqs)  # what training read first
+    density = firing_density(model, dicts, tokens)
+    pruned = {s: prune_latents(d, density[s] > 0) for s, d in dicts.items()}
+    save_dictionaries(pruned, args.out)
+    if train_cfg.is_file():
+        (Path(args.out) / "train_config.json").write_text(train_cfg.read_text())
+    n_tok = tokens.numel() - tokens.shape[0]
+    print(json.dumps({"out": args.out, "tokens_counted": n_tok, "latents": {
+        s.id: {"before": dicts[s].cfg.d_dict, "after": pruned[s].cfg.d_dict} for s in sorted(dicts)}}))
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 """Where the committed default model lives (written by ``circuitgraph train-toy-model``)."""
 DEFAULT_DICTS_DIR = Path(__file__).parent / "default_dicts"
-"""Committed dictionaries of the default model (written by ``circuitgraph train-dictionaries``)."""
+"""The default dictionary set of the default model (``make demo``, ``trace`` without ``--dicts``),
+chosen by the ceiling study (``benchmarks/study_ceiling.py``; README "Which dictionaries carry the
+behaviour")."""
+V1_DICTS_DIR = Path(__file__).parent / "v1_dicts"
+"""The first committed set: 16 TopK dictionaries (resid_post, mlp_out, attn_z, transcoder at every
+layer, x4, k 16), still loadable with ``--dicts``; the test suite uses it for its every-site-kind mix."""
 SPARSE_INTERACTION_DICTS_DIR = Path(__file__).parent / "sparse_interaction_dicts"
 """Committed attention-z + transcoder dictionaries of the default model trained with the
 interaction-sparsity penalty (see the README section "Interaction sparsity")."""

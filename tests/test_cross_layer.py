@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from circuitgraph.attribution.dataset import DatasetAttributionConfig, score_nodes
 from circuitgraph.attribution.linear import LinearAttributionConfig, attribute_prompt
-from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.registry import make_dataset
 from circuitgraph.toylang.corpus import CorpusConfig, ToyCorpus
@@ -199,7 +198,7 @@ def test_circuit_tracer_export_round_trip(clt_dicts, default_model, tmp_path):
 
 
 def test_clt_refusals(default_model, clt_dicts, tmp_path):
-    with pytest.raises(CircuitGraphError, match="consecutive and end at the last layer"):
+    with pytest.raises(DictionaryError, match="consecutive and end at the last layer"):
         ReplacementModel(default_model, {s: d for s, d in clt_dicts.items() if s.layer != 2})
     topk = {s: build_dictionary(DictionaryConfig("topk", 128, 64, d.cfg.out_width, k=4, out_layers=d.cfg.out_layers))
             for s, d in clt_dicts.items()}

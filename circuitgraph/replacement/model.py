@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.frozen import FrozenState, freeze_hooks, record_frozen_hooks
 from dictionaries.architectures.base import SparseDictionary
-from dictionaries.cross_layer import check_clt_sites, layer_slice
+from dictionaries.cross_layer import layer_slice
 from dictionaries.persistence import check_against_model
 from dictionaries.site import ModelHooks, Site
 
@@ -98,11 +98,7 @@ class ReplacementModel:
     def __init__(self, model: HookedTransformer, dicts: Mapping[Site, SparseDictionary]) -> None:
         if not dicts:
             raise CircuitGraphError("no dictionaries given; pass at least one site (e.g. --sites attn_z,transcoder)")
-        check_against_model(dicts, model.cfg)
-        try:
-            check_clt_sites(list(dicts), model.cfg.n_layers)
-        except ValueError as err:
-            raise CircuitGraphError(str(err)) from err
+        check_against_model(dicts, model.cfg)  # widths, model name, and a CLT's layers without gaps
         by_output: dict[str, Site] = {}
         for site in dicts:
             other = by_output.get(site.output_hook)

@@ -88,6 +88,9 @@ def load_saelens(folder: str | Path, device: str = "cpu") -> SparseDictionary:
             f"SAE normalises activations with {raw['normalize_activations']!r}, which needs a scale this file "
             "does not store; fold the scaling factor into the weights first (SAELens: fold_activation_norm_scaling_factor)"
         )
+    if arch == "topk" and "k" not in raw:
+        raise DictionaryError(f"{cfg_path} describes a TopK SAE without k; add \"k\": <active latents> to it "
+                              "(SAELens writes it for every TopK SAE)")
     d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     meta = raw.get("metadata") or raw.get("meta") or {}
     cfg = DictionaryConfig(

@@ -123,6 +123,12 @@ def test_saelens_refusals(tmp_path) -> None:
         load_saelens(folder)
     with pytest.raises(DictionaryError, match="not a SAELens SAE folder"):
         load_saelens(tmp_path / "nowhere")
+    topk = save_saelens(build_dictionary(DictionaryConfig(arch="topk", d_in=4, d_dict=8, k=3)), tmp_path / "tk")
+    assert load_saelens(topk).cfg.k == 3
+    cfg = json.loads((topk / "cfg.json").read_text())
+    (topk / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "k"}))
+    with pytest.raises(DictionaryError, match="TopK SAE without k"):  # was silently k = 32
+        load_saelens(topk)
 
 
 def test_model_and_task_errors(default_model, tmp_path) -> None:

@@ -103,7 +103,7 @@ def clt_losses(dicts: Mapping[Site, SparseDictionary], xs: Mapping[Site, torch.T
     its sparsity and AuxK terms are its own latents'. AuxK: the dead latents of source ``l``
     reconstruct the residual error of every output it writes (in ``l``'s scaled space)."""
     sites = clt_sites(list(dicts))
-    width = next(iter(ys.values())).shape[1]
+    width = dicts[sites[0]].cfg.error_width  # one layer's MLP output (ys may hold other sites too)
     recon: dict[int, torch.Tensor] = {}
     codes: dict[Site, tuple[torch.Tensor, _Code]] = {}
     for s in sites:

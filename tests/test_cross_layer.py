@@ -285,3 +285,24 @@ def test_corrupt_or_inconsistent_circuit_tracer_folders_refused(tmp_path, defaul
     gap = {s: d for s, d in load_dictionaries(copy("ok")).items() if s.layer != 1}
     with pytest.raises(DictionaryError, match="consecutive"):
         check_against_model(gap, default_model.cfg)  # what dicts eval / report / prune / trace call first
+
+
+def test_clt_beside_attn_z_of_another_width(tmp_path):
+    """Review finding: the joint CLT loss took its layer width from whichever site came first; with
+    attention-z (n_heads * d_head = 16) narrower than d_model (32) it sliced the wrong columns."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from dictionaries.token_sources import TensorTokens
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=8, d_mlp=64, n_ctx=16,
+                                                      d_vocab=50, act_fn="gelu", normalization_type="LN"))
+    tokens = TensorTokens(torch.randint(0, 50, (64, 16)))
+    cfg = TrainConfig(k=4, expansion=2, tokens=8 * 256, batch_tokens=256, chunk_sequences=32, model_batch=16,
+                      warmup_steps=1, checkpoint_every=1000)
+    sites = expand_sites("attn_z,clt", "all", 2)
+    dicts = train_dictionaries(model, sites, tokens, cfg, tmp_path / "d").dictionaries
+    assert dicts[Site(0, "clt")].cfg.out_width == 64 and dicts[Site(0, "attn_z")].cfg.d_in == 16
+    x = tokens.sequences(0, 4)
+    with torch.no_grad():
+        assert torch.equal(ReplacementModel(model, dicts).run(x).logits, model(x))

@@ -186,11 +186,13 @@ class DictionaryStepper:
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, sparsity_scale: float = 1.0, step: int = 0) -> LossTerms:
         """The loss terms of a batch (checked finite); the caller runs ``backward`` then :meth:`update`."""
-        d = self.d
-        terms = d.training_loss(x, y, sparsity_scale=sparsity_scale)
+        return self.check_finite(self.d.training_loss(x, y, sparsity_scale=sparsity_scale), step)
+
+    def check_finite(self, terms: LossTerms, step: int) -> LossTerms:
+        """``terms``, or a clear error naming the dictionary, the step and the intact checkpoint."""
         if not torch.isfinite(terms.total):
             raise DictionaryError(
-                f"loss of dictionary {d.cfg.site or d.cfg.arch} became {terms.total.item()} at step {step}; "
+                f"loss of dictionary {self.d.cfg.site or self.d.cfg.arch} became {terms.total.item()} at step {step}; "
                 f"lower the learning rate. The last good checkpoint {self.ckpt} is intact"
             )
         return terms
@@ -307,8 +309,8 @@ def train_dictionaries(
         ys = {s: distributed.shard_rows(batch[s.output_hook]) for s in sites}
         terms = {s: steppers[s].losses(xs[s], ys[s], sparsity_mult, step) for s in sites if not s.is_cross_layer}
         if clt:  # cross-layer transcoders: one joint loss (each output reaches every earlier source)
-            terms.update(clt_losses({s: dicts[s] for s in clt}, xs, ys, sparsity_mult))
-            _check_terms_finite(terms, clt, step, ckpt_path)
+            joint = clt_losses({s: dicts[s] for s in clt}, xs, ys, sparsity_mult)
+            terms.update({s: steppers[s].check_finite(t, step) for s, t in joint.items()})
         total = sum(t.total for t in terms.values())
         postfix = {}
         if penalty is not None:
@@ -350,13 +352,6 @@ def train_dictionaries(
     distributed.barrier()
     log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
     return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
-
-
-def _check_terms_finite(terms: dict[Site, LossTerms], sites: Sequence[Site], step: int, ckpt: Path) -> None:
-    for s in sites:
-        if not torch.isfinite(terms[s].total):
-            raise DictionaryError(f"loss of dictionary {s.id} became {terms[s].total.item()} at step {step}; "
-                                  f"lower the learning rate. The last good checkpoint {ckpt} is intact")
 
 
 def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: TrainConfig) -> InteractionPenalty | None:

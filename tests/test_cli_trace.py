@@ -168,3 +168,42 @@ def test_supernodes_bad_input(tmp_path, capsys):
 def test_query_bad_input(tmp_path, capsys):
     assert main(["query", str(tmp_path / "none"), "--upstream", "tok@0"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_prompt_answer_and_contrast(tmp_path, capsys):
+    """`trace --prompt P --answer A --contrast C` explains logit(A) - logit(C): the metric node's value
+    is that difference as the model itself computes it, and its incoming edges + bias add up to it."""
+    import torch
+
+    from circuitgraph.graph.graph import Graph
+    from circuitgraph.models.loading import load_default
+
+    prompt = "When Mary and John went to the park, John gave a book to"
+    assert main(["trace", "--prompt", prompt, "--answer", " Mary", "--contrast", " John", "--describe-seqs", "0",
+                 "--out", str(tmp_path / "g"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = load_default()
+    with torch.no_grad():
+        logits = model(model.to_tokens(prompt))[0, -1]
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+    assert summary["metric"] == "logit_diff"
+    assert summary["metric_value"] == pytest.approx(float(logits[mary] - logits[john]), abs=1e-4)
+    full = Graph.load(tmp_path / "g" / "full")
+    m = next(i for i, n in enumerate(full.nodes) if n.kind == "metric")
+    incoming = float(full.weights[full.targets == m].double().sum()) + float(full.bias[m])
+    assert incoming == pytest.approx(summary["metric_value"], abs=1e-3)
+    assert not any(n.kind == "logit" for n in full.nodes if full.target_weights[full.nodes.index(n)] > 0)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--answer", " Zyx"], "not in the model's vocabulary"),
+    (["--answer", " Mary John"], "is 2 tokens"),
+    (["--contrast", " John"], "--contrast needs --answer"),
+    (["--answer", " Mary", "--contrast", " Mary"], "the same token"),
+])
+def test_prompt_answer_refusals(tmp_path, capsys, extra, message):
+    argv = ["trace", "--prompt", "When Mary and John went to the park, John gave a book to", *extra,
+            "--describe-seqs", "0", "--out", str(tmp_path / "g")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert main(["trace", "--task", "ioi", "--n", "4", "--answer", " Mary", "--out", str(tmp_path / "h")]) == 2

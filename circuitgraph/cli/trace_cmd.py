@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=64, help="number of prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=None, help="trace this one prompt with direct linear attribution instead of a dataset")
+    p.add_argument("--answer", default=None,
+                   help="--prompt: explain this next token's logit (one token, e.g. ' Mary') instead of the likeliest ones")
+    p.add_argument("--contrast", default=None,
+                   help="--prompt with --answer: explain the logit difference answer - contrast (e.g. ' John')")
     p.add_argument("--method", default="attribution", choices=["attribution", "ig", "acdc"])
     p.add_argument("--granularity", default="features", choices=["features", "components"],
                    help="dictionary features, or attention heads and MLPs as nodes")
@@ -157,6 +161,9 @@ def run_trace(args: argparse.Namespace) -> int:
     check_distinct(args.out, args.dicts, args.model if args.model != "default" else None)
     if args.eval_n < 0:
         raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
+    if args.prompt is None and (args.answer is not None or args.contrast is not None):
+        raise CircuitGraphError("--answer / --contrast choose what a --prompt graph explains; a --task dataset uses "
+                                "its own answers")
     acdc = _acdc_config(args)
     model, rm = _load(args)
     if args.prompt is not None:
@@ -219,10 +226,11 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
     if rm is None:
         raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
     tokens = model.to_tokens(args.prompt, truncate=False)
+    metric = _answer_metric(args, model)
     passes0 = rm.forward_passes
     lcfg = LinearAttributionConfig() if args.max_feature_nodes is None else \
         LinearAttributionConfig(max_feature_nodes=args.max_feature_nodes)
-    full = attribute_prompt(rm, tokens, lcfg)
+    full = attribute_prompt(rm, tokens, lcfg, metric=metric)
     passes = rm.forward_passes - passes0
     graph = prune_graph(full, args.node_threshold, args.edge_threshold)
     full_scores, pruned_scores = scores_of(full), scores_of(graph)
@@ -236,7 +244,51 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
     return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
             "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
             "full_nodes": full.n_nodes, "full_edges": full.n_edges, "forward_passes": passes,
-            "seconds": full.metadata["seconds"], "method": "linear", "out": args.out}
+            "seconds": full.metadata["seconds"], "method": "linear", "out": args.out,
+            **_metric_summary(full, metric, args)}
+
+
+def single_token_id(model, text: str, flag: str) -> int:
+    """The id of ``text`` as one token of ``model``'s tokenizer, or a clear error naming the problem."""
+    if model.tokenizer is None:
+        raise CircuitGraphError(f"{flag} needs a tokenizer; this model has none")
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        raise CircuitGraphError(f"{flag} {text!r} is {len(ids)} tokens {pieces}; give one token (mind the leading space)")
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and text.strip() != getattr(model.tokenizer, "unk_token", None):
+        raise CircuitGraphError(f"{flag} {text!r} is not in the model's vocabulary (it would become the unknown token)")
+    return ids[0]
+
+
+def _answer_metric(args: argparse.Namespace, model):
+    """``--answer`` (and ``--contrast``) as the metric a prompt graph explains, or None (likeliest logits)."""
+    import torch
+
+    from circuitgraph.attribution.targets import MetricTarget
+
+    if args.answer is None:
+        if args.contrast is not None:
+            raise CircuitGraphError("--contrast needs --answer (the token whose logit it is subtracted from)")
+        return None
+    answer = single_token_id(model, args.answer, "--answer")
+    if args.contrast is None:  # the answer's logit, mean-centred over the vocabulary like the logit nodes
+        c = torch.full((model.cfg.d_vocab,), -1.0 / model.cfg.d_vocab)
+        c[answer] += 1.0
+        return MetricTarget("answer_logit", c)
+    contrast = single_token_id(model, args.contrast, "--contrast")
+    if contrast == answer:
+        raise CircuitGraphError(f"--answer and --contrast are the same token ({args.answer!r}); the difference is 0")
+    return MetricTarget.logit_diff([answer], [contrast], model.cfg.d_vocab)
+
+
+def _metric_summary(graph, metric, args: argparse.Namespace) -> dict:
+    if metric is None:
+        return {}
+    node = next(i for i, n in enumerate(graph.nodes) if n.kind == "metric")
+    return {"metric": metric.name, "metric_value": float(graph.activation[node]), "answer": args.answer,
+            "contrast": args.contrast}
 
 
 def describe_into(graph, rm, args: argparse.Namespace, fallback_tokens) -> None:

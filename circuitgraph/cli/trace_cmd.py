@@ -248,36 +248,23 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
             **_metric_summary(full, metric, args)}
 
 
-def single_token_id(model, text: str, flag: str) -> int:
-    """The id of ``text`` as one token of ``model``'s tokenizer, or a clear error naming the problem."""
-    if model.tokenizer is None:
-        raise CircuitGraphError(f"{flag} needs a tokenizer; this model has none")
-    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
-    if len(ids) != 1:
-        pieces = [model.tokenizer.decode([i]) for i in ids]
-        raise CircuitGraphError(f"{flag} {text!r} is {len(ids)} tokens {pieces}; give one token (mind the leading space)")
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    if unk is not None and ids[0] == unk and text.strip() != getattr(model.tokenizer, "unk_token", None):
-        raise CircuitGraphError(f"{flag} {text!r} is not in the model's vocabulary (it would become the unknown token)")
-    return ids[0]
-
-
 def _answer_metric(args: argparse.Namespace, model):
     """``--answer`` (and ``--contrast``) as the metric a prompt graph explains, or None (likeliest logits)."""
     import torch
 
     from circuitgraph.attribution.targets import MetricTarget
+    from circuitgraph.tasks.dataset import single_token_id
 
     if args.answer is None:
         if args.contrast is not None:
             raise CircuitGraphError("--contrast needs --answer (the token whose logit it is subtracted from)")
         return None
-    answer = single_token_id(model, args.answer, "--answer")
+    answer = single_token_id(model, args.answer)
     if args.contrast is None:  # the answer's logit, mean-centred over the vocabulary like the logit nodes
         c = torch.full((model.cfg.d_vocab,), -1.0 / model.cfg.d_vocab)
         c[answer] += 1.0
         return MetricTarget("answer_logit", c)
-    contrast = single_token_id(model, args.contrast, "--contrast")
+    contrast = single_token_id(model, args.contrast)
     if contrast == answer:
         raise CircuitGraphError(f"--answer and --contrast are the same token ({args.answer!r}); the difference is 0")
     return MetricTarget.logit_diff([answer], [contrast], model.cfg.d_vocab)

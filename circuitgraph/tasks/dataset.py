@@ -73,12 +73,19 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 def single_token_id(model: HookedTransformer, text: str) -> int:
     """The id of ``text`` if it is exactly one token, else a :class:`TaskError` naming it."""
+    if model.tokenizer is None:
+        raise TaskError(f"answer {text!r} needs a tokenizer; this model has none")
     ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
     if ids.numel() != 1:
+        pieces = [model.tokenizer.decode([int(i)]) for i in ids]
         raise TaskError(
-            f"answer {text!r} is {ids.numel()} tokens, not one; answers must be single tokens "
+            f"answer {text!r} is {ids.numel()} tokens {pieces}, not one; answers must be single tokens "
             "(include the leading space, e.g. ' Mary')"
         )
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and int(ids[0]) == unk and text.strip() != getattr(model.tokenizer, "unk_token", None):
+        raise TaskError(f"answer {text!r} is not in the model's vocabulary (it would become the unknown token "
+                        f"{model.tokenizer.unk_token!r})")
     return int(ids[0])
 
 

@@ -207,3 +207,20 @@ def test_prompt_answer_refusals(tmp_path, capsys, extra, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert main(["trace", "--task", "ioi", "--n", "4", "--answer", " Mary", "--out", str(tmp_path / "h")]) == 2
+
+
+def test_out_of_vocabulary_prompt_refused(tmp_path, capsys):
+    """A prompt of unknown words used to run as a row of <unk> tokens and exit 0."""
+    assert main(["trace", "--prompt", "When Mary and Zorblax went to the quasar", "--describe-seqs", "0",
+                 "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "'Zorblax'" in err and "'quasar'" in err and "outside the model's vocabulary" in err
+    from circuitgraph.errors import TaskError
+    from circuitgraph.models.loading import load_default
+    from circuitgraph.tasks.dataset import build_dataset
+    from circuitgraph.toylang.templates import TaskInstance
+
+    inst = TaskInstance("When Mary and John went to the park, John gave a book to", (" Mary",), (" John",),
+                        "When Mary and Blorp went to the park, John gave a book to", " Mary.")
+    with pytest.raises(TaskError, match="corrupted prompt 0 has words outside the model's vocabulary: 'Blorp'"):
+        build_dataset("mine", [inst], load_default(), "logit_diff")

@@ -225,6 +225,9 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
 
     if rm is None:
         raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
+    from circuitgraph.tasks.dataset import check_in_vocabulary
+
+    check_in_vocabulary(model, args.prompt, "--prompt")
     tokens = model.to_tokens(args.prompt, truncate=False)
     metric = _answer_metric(args, model)
     passes0 = rm.forward_passes

@@ -89,6 +89,20 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     return int(ids[0])
 
 
+def check_in_vocabulary(model: HookedTransformer, text: str, what: str) -> None:
+    """A :class:`TaskError` naming the words of ``text`` the tokenizer maps to its unknown token
+    (they would be silently replaced); tokenizers without an unknown token pass everything."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None) if tok is not None else None
+    if unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0].tolist():
+        return
+    words = [w for w in dict.fromkeys(text.split()) if w != tok.unk_token
+             and unk in model.to_tokens(" " + w, prepend_bos=False, truncate=False)[0].tolist()]
+    shown = ", ".join(repr(w) for w in words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+    raise TaskError(f"{what} has words outside the model's vocabulary: {shown or repr(text)}; they would become "
+                    f"{tok.unk_token!r}. Rephrase with known words or use a model whose tokenizer covers them")
+
+
 def build_dataset(
     name: str, instances: Sequence[TaskInstance], model: HookedTransformer, metric_kind: MetricKind
 ) -> TaskDataset:
@@ -107,6 +121,8 @@ def build_dataset(
     for i, inst in enumerate(instances):
         if not inst.prompt.strip():
             raise TaskError(f"task {name!r}: prompt {i} is empty; every prompt needs at least one token")
+        check_in_vocabulary(model, inst.prompt, f"task {name!r}: prompt {i}")
+        check_in_vocabulary(model, inst.corrupted_prompt, f"task {name!r}: corrupted prompt {i}")
         clean = model.to_tokens(inst.prompt, truncate=False)[0].tolist()
         corrupt = model.to_tokens(inst.corrupted_prompt, truncate=False)[0].tolist()
         if len(clean) > n_ctx:

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="site kinds to splice, e.g. attn_z,clt (default: every site of --dicts; one per output hook)")
     p.add_argument("--layers", default="all", help="layers to splice: all, 0,2 or 1-3")
     p.add_argument("--task", default="ioi", help="task whose prompt dataset is traced")
+    p.add_argument("--dataset", default=None, metavar="FILE",
+                   help="trace your own prompts instead of --task: a .jsonl / .json / .csv file with prompt, answer, "
+                        "optional wrong and corrupted_prompt per row (README: 'Your own prompts')")
     p.add_argument("--n", type=int, default=64, help="number of prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=None, help="trace this one prompt with direct linear attribution instead of a dataset")
@@ -38,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset circuits: node budget, feature and error nodes counted alike")
     p.add_argument("--max-feature-nodes", type=int, default=None,
                    help="dataset circuits: an extra cap on feature nodes; --prompt: features visited (default 1000)")
-    p.add_argument("--eval-n", type=int, default=64,
+    p.add_argument("--eval-n", type=int, default=None,
                    help="held-out prompts the circuit is evaluated on (disjoint from the --n selection prompts; "
-                        "0: evaluate on the selection prompts only)")
+                        "0: evaluate on the selection prompts only; default 64, or half the rows of --dataset)")
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out evaluation prompts")
     p.add_argument("--target-faithfulness", type=float, default=0.0,
                    help="attribution/ig: the smallest circuit (up to --max-nodes) reaching this faithfulness")
@@ -50,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", default="aggregate", choices=["aggregate", "from_end"],
                    help="dataset feature nodes: one per feature (aggregate) or one per feature and position counted "
                         "back from the answer (from_end; ids ...#f@-1 at the answer position)")
-    p.add_argument("--ablation", default="patch", choices=["patch", "mean", "zero"], help="how nodes outside the circuit are ablated")
+    p.add_argument("--ablation", default=None, choices=["patch", "mean", "zero"],
+                   help="how nodes outside the circuit are ablated (default: patch with the corrupted prompts; "
+                        "mean for a --dataset without corrupted prompts)")
     p.add_argument("--tau", type=float, default=0.002, help="ACDC threshold (fraction of the full-vs-empty metric gap)")
     p.add_argument("--acdc-skip-fraction", type=float, default=0.1,
                    help="ACDC: candidates scored below this fraction of tau form one group removed after one verifying "
@@ -148,7 +153,6 @@ def _acdc_config(args: argparse.Namespace):
 
 def run_trace(args: argparse.Namespace) -> int:
     from circuitgraph.graph.storage import check_distinct, check_graph_target
-    from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
 
     start = time.perf_counter()
     check_graph_target(args.out)  # before any work: a bad --out must not cost a whole trace
@@ -159,8 +163,10 @@ def run_trace(args: argparse.Namespace) -> int:
     if args.describe_seqs < 0:
         raise CircuitGraphError(f"--describe-seqs {args.describe_seqs}: use 0 (no descriptions) or more")
     check_distinct(args.out, args.dicts, args.model if args.model != "default" else None)
-    if args.eval_n < 0:
+    if args.eval_n is not None and args.eval_n < 0:
         raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
+    if args.prompt is not None and args.dataset is not None:
+        raise CircuitGraphError("--prompt traces one prompt and --dataset a file of prompts; give one of them")
     if args.prompt is None and (args.answer is not None or args.contrast is not None):
         raise CircuitGraphError("--answer / --contrast choose what a --prompt graph explains; a --task dataset uses "
                                 "its own answers")
@@ -169,8 +175,7 @@ def run_trace(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         summary = _trace_prompt(args, model, rm)
     else:
-        ds = make_dataset(args.task, model, n=args.n, seed=args.seed)
-        eval_ds = make_disjoint_dataset(args.task, model, args.eval_n, ds, args.eval_seed) if args.eval_n else None
+        ds, eval_ds = _datasets(args, model)
         if args.granularity == "components":
             from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 
@@ -208,7 +213,8 @@ def run_trace(args: argparse.Namespace) -> int:
         graph.save(args.out)
         summary.update({"n_graph_nodes": graph.n_nodes, "n_edges": graph.n_edges,
                         "seconds": time.perf_counter() - start, "method": args.method,
-                        "granularity": args.granularity, "task": args.task, "out": args.out})
+                        "granularity": args.granularity, "task": args.task if args.dataset is None else args.dataset,
+                        "out": args.out})
     if args.json:
         from circuitgraph.graph.graph import json_safe
 
@@ -217,6 +223,30 @@ def run_trace(args: argparse.Namespace) -> int:
         for k, v in summary.items():
             print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
     return 0
+
+
+def _datasets(args: argparse.Namespace, model):
+    """Selection and held-out prompt sets (a built-in task, or the rows of --dataset), and the
+    resolved --ablation (patch needs corrupted prompts; a file without them gets mean ablation)."""
+    from circuitgraph.tasks.files import dataset_from_file, split_held_out
+    from circuitgraph.tasks.registry import make_dataset, make_disjoint_dataset
+
+    if args.dataset is None:
+        args.ablation = args.ablation or "patch"
+        eval_n = 64 if args.eval_n is None else args.eval_n
+        ds = make_dataset(args.task, model, n=args.n, seed=args.seed)
+        return ds, make_disjoint_dataset(args.task, model, eval_n, ds, args.eval_seed) if eval_n else None
+    ds, has_corrupted = dataset_from_file(args.dataset, model)
+    if args.ablation is None:
+        args.ablation = "patch" if has_corrupted else "mean"
+        if not has_corrupted:
+            print(f"{args.dataset} has no corrupted prompts: nodes outside the circuit are mean-ablated "
+                  "(--ablation mean)", file=sys.stderr)
+    elif args.ablation == "patch" and not has_corrupted:
+        raise CircuitGraphError(f"--ablation patch needs a corrupted_prompt in every row of {args.dataset}; add them "
+                                "or use --ablation mean / zero")
+    eval_n = min(64, len(ds) // 2) if args.eval_n is None else args.eval_n
+    return split_held_out(ds, eval_n, args.eval_seed)
 
 
 def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:

@@ -50,11 +50,6 @@ def layer_slice(source: Site, target_layer: int, width: int) -> slice:
     return slice(j * width, (j + 1) * width)
 
 
-def output_hooks(site: Site, n_layers: int) -> list[str]:
-    """The MLP-output hooks a ``clt`` site writes, in decoder order."""
-    return [ModelHooks.mlp_out(j) for j in range(site.layer, n_layers)]
-
-
 @torch.no_grad()
 def initialise_clt(d: SparseDictionary, x: torch.Tensor, y_own: torch.Tensor) -> None:
     """Input and output scales from the source layer's input and *own* MLP output; ``b_dec`` writes
@@ -159,8 +154,11 @@ def splice_output_hooks(dicts: Mapping[Site, SparseDictionary], layer: int) -> l
     saved: dict[int, torch.Tensor] = {}
     sources = [s for s in clt_sites(list(dicts)) if s.layer <= layer]
 
-    def save(act: torch.Tensor, hook) -> None:
-        saved[int(hook.name.split(".")[1])] = act
+    def save(source: Site):
+        def hook(act: torch.Tensor, hook) -> None:
+            saved[source.layer] = act
+
+        return hook
 
     def replace(act: torch.Tensor, hook) -> torch.Tensor:
         b, p, w = act.shape
@@ -168,4 +166,4 @@ def splice_output_hooks(dicts: Mapping[Site, SparseDictionary], layer: int) -> l
         new = reconstruct(dicts, inputs, layer).reshape(b, p, w).to(act.dtype)
         return torch.cat([act[:, :1], new[:, 1:]], 1)
 
-    return [(s.input_hook, save) for s in sources] + [(ModelHooks.mlp_out(layer), replace)]
+    return [(s.input_hook, save(s)) for s in sources] + [(ModelHooks.mlp_out(layer), replace)]

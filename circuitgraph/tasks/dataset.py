@@ -89,12 +89,15 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     return int(ids[0])
 
 
-def check_in_vocabulary(model: HookedTransformer, text: str, what: str) -> None:
+def check_in_vocabulary(model: HookedTransformer, text: str, what: str, ids: Sequence[int] | None = None) -> None:
     """A :class:`TaskError` naming the words of ``text`` the tokenizer maps to its unknown token
-    (they would be silently replaced); tokenizers without an unknown token pass everything."""
+    (they would be silently replaced); tokenizers without an unknown token pass everything.
+    ``ids``: ``text``'s tokens when the caller has them already (saves a tokenisation)."""
     tok = model.tokenizer
     unk = getattr(tok, "unk_token_id", None) if tok is not None else None
-    if unk is None or unk not in model.to_tokens(text, prepend_bos=False, truncate=False)[0].tolist():
+    if ids is None and unk is not None:
+        ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0].tolist()
+    if unk is None or unk not in ids:
         return
     words = [w for w in dict.fromkeys(text.split()) if w != tok.unk_token
              and unk in model.to_tokens(" " + w, prepend_bos=False, truncate=False)[0].tolist()]
@@ -121,10 +124,10 @@ def build_dataset(
     for i, inst in enumerate(instances):
         if not inst.prompt.strip():
             raise TaskError(f"task {name!r}: prompt {i} is empty; every prompt needs at least one token")
-        check_in_vocabulary(model, inst.prompt, f"task {name!r}: prompt {i}")
-        check_in_vocabulary(model, inst.corrupted_prompt, f"task {name!r}: corrupted prompt {i}")
         clean = model.to_tokens(inst.prompt, truncate=False)[0].tolist()
         corrupt = model.to_tokens(inst.corrupted_prompt, truncate=False)[0].tolist()
+        check_in_vocabulary(model, inst.prompt, f"task {name!r}: prompt {i}", clean)
+        check_in_vocabulary(model, inst.corrupted_prompt, f"task {name!r}: corrupted prompt {i}", corrupt)
         if len(clean) > n_ctx:
             raise TaskError(
                 f"task {name!r}: prompt {i} is {len(clean)} tokens but the model's context is {n_ctx}; "

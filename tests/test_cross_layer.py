@@ -306,3 +306,62 @@ def test_clt_beside_attn_z_of_another_width(tmp_path):
     x = tokens.sequences(0, 4)
     with torch.no_grad():
         assert torch.equal(ReplacementModel(model, dicts).run(x).logits, model(x))
+
+
+def test_dicts_eval_of_a_clt_matches_the_replacement_model(default_model, clt_dicts):
+    """`dicts eval`'s per-layer CLT numbers (its own splicing hooks) against the replacement model:
+    FVU from the error terms it records, and the spliced CE loss from a run with only that layer's
+    error term set to zero (the MLP output becomes exactly the CLT's reconstruction)."""
+    import torch.nn.functional as F
+
+    from dictionaries.metrics import evaluate_dictionaries
+
+    tokens = ToyCorpus(CorpusConfig(seed=12345, seq_len=64)).sequences(0, 8)
+    metrics = evaluate_dictionaries(default_model, clt_dicts, tokens)
+    rm = ReplacementModel(default_model, clt_dicts)
+    with torch.no_grad():
+        run = rm.run(tokens)
+        for s in clt_dicts:
+            err = run.sites[s].errors[:, 1:].reshape(-1, run.sites[s].errors.shape[-1])
+            _, cache = default_model.run_with_cache(tokens)
+            y = cache[s.output_hook][:, 1:].reshape(-1, err.shape[-1])  # BOS is never spliced nor counted
+            fvu = float(err.pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+            assert metrics[s].fvu == pytest.approx(fvu, rel=1e-3), s.id
+            zero = {s: torch.zeros_like(run.sites[s].errors)}
+            logits = rm.run(tokens, SpliceSpec(errors=zero)).logits
+            ce = float(-F.log_softmax(logits.float(), -1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean())
+            assert metrics[s].ce_spliced == pytest.approx(ce, abs=1e-4), s.id
+
+
+def test_more_clt_refusals(default_model, clt_dicts, tmp_path):
+    import shutil
+
+    from dictionaries.splice import splice_hooks
+
+    with pytest.raises(DictionaryError, match="train with --arch topk, batchtopk, relu, jumprelu, not gated"):
+        train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(), TrainConfig(arch="gated",
+                                                                                                   tokens=4096), tmp_path)
+    with pytest.raises(ValueError, match="pass the whole CLT as group="):
+        splice_hooks(Site(1, "clt"), clt_dicts[Site(1, "clt")])
+    with pytest.raises(DictionaryError, match="starts at layer 2"):
+        save_clt_circuit_tracer({s: d for s, d in clt_dicts.items() if s.layer >= 2}, tmp_path / "late")
+    with pytest.raises(DictionaryError, match="no cross-layer transcoder"):
+        save_clt_circuit_tracer({}, tmp_path / "none")
+    hooks = tmp_path / "hooks"
+    shutil.copytree(GOLDEN, hooks)
+    (hooks / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: ln2.hook_normalized\n")
+    with pytest.raises(DictionaryError, match="feature_input_hook is ln2.hook_normalized; only CLTs that read"):
+        load_clt_circuit_tracer(hooks)
+    shape = tmp_path / "shape"
+    shutil.copytree(GOLDEN, shape)
+    dec = load_file(str(shape / "W_dec_0.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"W_dec_0": dec["W_dec_0"][:, :2].contiguous()}, str(shape / "W_dec_0.safetensors"))
+    with pytest.raises(DictionaryError, match=r"W_dec_0 has shape \(24, 2, 16\), expected \(24, 3, 16\)"):
+        load_clt_circuit_tracer(shape)
+    key = tmp_path / "key"
+    shutil.copytree(GOLDEN, key)
+    save_file({"W_enc_2": load_file(str(key / "W_enc_2.safetensors"))["W_enc_2"]}, str(key / "W_enc_2.safetensors"))
+    with pytest.raises(DictionaryError, match="layer 2 lacks tensor 'b_enc_2'"):
+        load_clt_circuit_tracer(key)

@@ -73,3 +73,39 @@ def test_bad_rows_named(tmp_path, capsys, rows, message):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["trace", "--dataset", str(f), "--eval-n", "0", "--out", str(tmp_path / "g")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("x.txt", "prompt,answer\n", "unknown prompt file type '.txt'"),
+    ("x.jsonl", '{"prompt": "When Mary went", "answer": " Mary"\n', "not valid JSON"),
+    ("x.json", '["When Mary went"]', "row 1: expected an object"),
+    ("x.json", '[{"prompt": "When Mary went", "answer": 7}]', "row 1: 'answer' must be a string or a list"),
+    ("x.json", "[]", "holds no rows"),
+    ("x.json", '[{"prompt": "  ", "answer": " Mary"}]', "row 1: 'prompt' must be non-empty"),
+])
+def test_bad_files_named(tmp_path, capsys, name, text, message):
+    f = tmp_path / name
+    f.write_text(text)
+    assert main(["trace", "--dataset", str(f), "--eval-n", "0", "--out", str(tmp_path / "g")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_held_out_split_and_flag_refusals(tmp_path, capsys, ioi_rows):
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ioi_rows[:2]))
+    assert main(["trace", "--dataset", str(f), "--eval-n", "2", "--out", str(tmp_path / "g")]) == 2
+    assert "has 2 rows; holding out 2 leaves none" in capsys.readouterr().err
+    assert main(["trace", "--dataset", str(f), "--prompt", "When Mary went", "--out", str(tmp_path / "g")]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_answer_needs_a_tokenizer():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuitgraph.errors import TaskError
+    from circuitgraph.tasks.dataset import single_token_id
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, n_ctx=4, d_vocab=10,
+                                                      attn_only=True))
+    with pytest.raises(TaskError, match="needs a tokenizer"):
+        single_token_id(model, " Mary")

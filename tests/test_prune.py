@@ -70,3 +70,18 @@ def test_cli_prune_counts_on_the_training_stream(tmp_path, capsys, default_model
     x = cache[site.input_hook].reshape(-1, 128)
     with torch.no_grad():
         assert torch.allclose(before[site](x).output, after[site](x).output, atol=1e-5)
+
+
+def test_prune_refusals(tmp_path, capsys):
+    from circuitgraph.cli.main import main
+
+    d = build_dictionary(DictionaryConfig("relu", 8, 16))
+    with pytest.raises(DictionaryError, match=r"keep must be a \[16\] bool mask"):
+        prune_latents(d, torch.ones(8, dtype=torch.bool))
+    with pytest.raises(DictionaryError, match="no latent fired"):
+        prune_latents(d, torch.zeros(16, dtype=torch.bool))
+    from circuitgraph.models.loading import V1_DICTS_DIR
+
+    assert main(["dicts", "prune", "--dicts", str(V1_DICTS_DIR), "--out", str(tmp_path / "p"), "--seqs", "0"]) == 2
+    assert "--seqs 0" in capsys.readouterr().err
+    assert main(["dicts", "prune", "--dicts", str(V1_DICTS_DIR), "--out", str(V1_DICTS_DIR)]) == 2

@@ -80,37 +80,44 @@ def save_dictionaries(dicts: Mapping[Site, SparseDictionary], root: str | Path) 
 
 
 def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, SparseDictionary]:
-    """``{Site: dictionary}`` for every ``root/<site id>/`` folder; a circuit-tracer cross-layer
-    transcoder folder (``root`` itself, or a sub-folder of it) gives ``L0.clt`` .. sites."""
-    from dictionaries.circuit_tracer_format import is_circuit_tracer_clt, load_clt_circuit_tracer
+    """``{Site: dictionary}`` for every ``root/<site id>/`` folder. ``root`` (or any sub-folder of it)
+    may instead hold a format registered in :mod:`dictionaries.formats` (a circuit-tracer cross-layer
+    transcoder, ...); the sites of every part are merged and a site given twice is refused."""
+    from dictionaries.formats import detect_format
 
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise DictionaryError(f"dictionary folder {root} does not exist")
-    if is_circuit_tracer_clt(root):
-        return {s: d.to(device) for s, d in load_clt_circuit_tracer(root).items()}
+    fmt = detect_format(root)
+    if fmt is not None:
+        return fmt.load(root, device)
+    if not root.is_dir():
+        raise DictionaryError(f"{root} is a file in no dictionary format this package reads; give a dictionary folder")
     out: dict[Site, SparseDictionary] = {}
+
+    def add(part: Path, dicts: Mapping[Site, SparseDictionary]) -> None:
+        clash = sorted(s.id for s in dicts if s in out)
+        if clash:
+            raise DictionaryError(f"{root} holds {', '.join(clash)} twice ({part.name} and another part); keep one")
+        out.update(dicts)
+
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if is_circuit_tracer_clt(sub):
-            clt = load_clt_circuit_tracer(sub)
-            clash = sorted(s.id for s in clt if s in out)
-            if clash:
-                raise DictionaryError(f"{sub} and the site folders of {root} both hold {', '.join(clash)}; keep one")
-            out.update({s: d.to(device) for s, d in clt.items()})
+        fmt = detect_format(sub)
+        if fmt is not None:
+            add(sub, fmt.load(sub, device))
             continue
         try:
             site = Site.parse(sub.name)
         except ValueError:
             continue
         d = load_dictionary(sub, device=device)
-        if site in out:
-            raise DictionaryError(f"{root} holds {site.id} twice (a site folder and a circuit-tracer CLT folder); keep one")
         if d.cfg.site and d.cfg.site != site.id:
             raise DictionaryError(f"{sub}/{CFG_FILE} says this dictionary was trained for {d.cfg.site}, not {site.id}; "
                                   f"move it to {root / d.cfg.site} or retrain it")
-        out[site] = d
+        add(sub, {site: d})
     if not out:
-        raise DictionaryError(f"{root} holds no dictionary folders named like L0.resid_post/")
+        raise DictionaryError(f"{root} holds no dictionary folders named like L0.resid_post/ and no dictionaries "
+                              "in a format this package reads (see docs/dictionaries.md)")
     return out
 
 

@@ -1,0 +1,51 @@
+"""Which on-disk dictionary format a path holds, and the loader for it.
+
+``load_dictionaries`` (``--dicts``) accepts our own folders and other libraries' files. Each
+foreign format registers one :class:`Format` here: a cheap ``detect(path)`` that looks only at
+file names (never loads weights) and a ``load(path, device)`` returning ``{Site: dictionary}``.
+The first format whose ``detect`` matches wins, so put the more specific formats first. A folder
+none of them claims is read as our own layout (one ``L{layer}.{kind}/`` sub-folder per site).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from dictionaries.architectures.base import SparseDictionary
+from dictionaries.site import Site
+
+
+class Format(NamedTuple):
+    """One foreign on-disk format of a dictionary set."""
+
+    name: str
+    """Shown in messages, e.g. ``circuit-tracer CLT``."""
+    detect: Callable[[Path], bool]
+    """Whether the path (file or folder) holds this format; file names only, no weights read."""
+    load: Callable[[Path, str], dict[Site, SparseDictionary]]
+    """``(path, device) -> {Site: dictionary}``; raises :class:`~dictionaries.errors.DictionaryError`."""
+
+
+def _circuit_tracer_clt() -> Format:
+    from dictionaries.circuit_tracer_format import is_circuit_tracer_clt, load_clt_circuit_tracer
+
+    return Format("circuit-tracer cross-layer transcoder", is_circuit_tracer_clt,
+                  lambda p, device: {s: d.to(device) for s, d in load_clt_circuit_tracer(p).items()})
+
+
+FORMATS: tuple[Callable[[], Format], ...] = (
+    _circuit_tracer_clt,
+)
+"""Foreign formats, most specific first (factories, so a format's module is imported only when used)."""
+
+
+def detect_format(path: str | Path) -> Format | None:
+    """The first registered format that claims ``path``, or ``None`` (our own layout, or nothing)."""
+    path = Path(path)
+    for factory in FORMATS:
+        fmt = factory()
+        if fmt.detect(path):
+            return fmt
+    return None

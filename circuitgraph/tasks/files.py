@@ -70,7 +70,12 @@ def _tokens(value, path: Path, row: int, field: str, required: bool) -> tuple[st
 def read_prompt_file(path: str | Path) -> PromptFile:
     """The rows of ``path`` as task instances (see the module docstring for the fields)."""
     path = Path(path)
-    rows = _rows(path)
+    return instances_from_rows(_rows(path), path)
+
+
+def instances_from_rows(rows: list[dict], path: str | Path = "records") -> PromptFile:
+    """Rows (dicts with the fields of the module docstring) as task instances; ``path`` names the
+    source in errors (a file, or ``records`` for rows given in Python)."""
     if not isinstance(rows, list) or not rows:
         raise TaskError(f"{path} holds no rows; give one object per prompt with 'prompt' and 'answer'")
     out, corrupted = [], []

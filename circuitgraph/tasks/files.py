@@ -102,11 +102,20 @@ def instances_from_rows(rows: list[dict], path: str | Path = "records") -> Promp
 
 def dataset_from_file(path: str | Path, model: HookedTransformer) -> tuple[TaskDataset, bool]:
     """The file as a :class:`TaskDataset` (metric: logit difference) and whether it has corrupted prompts."""
-    pf = read_prompt_file(path)
+    return _build(read_prompt_file(path), model, Path(path).stem, path)
+
+
+def dataset_from_rows(rows: list[dict], model: HookedTransformer, name: str = "records") -> tuple[TaskDataset, bool]:
+    """Rows given in Python (dicts with the file fields) as a :class:`TaskDataset` and whether they
+    have corrupted prompts; errors name the row (counted from 1)."""
+    return _build(instances_from_rows(rows, name), model, name, name)
+
+
+def _build(pf: PromptFile, model: HookedTransformer, name: str, source: str | Path) -> tuple[TaskDataset, bool]:
     try:
-        ds = build_dataset(Path(path).stem, pf.instances, model, "logit_diff")
+        ds = build_dataset(name, pf.instances, model, "logit_diff")
     except TaskError as err:  # build_dataset counts prompts from 0; rows count from 1
-        raise TaskError(f"{path}: {err} (prompt i is row i + 1)") from err
+        raise TaskError(f"{source}: {err} (prompt i is row i + 1)") from err
     return ds, pf.has_corrupted
 
 

@@ -33,14 +33,14 @@ lint: setup
 clean:
 	rm -rf $(VENV)
 
-# Benchmark environment: peers (SAELens) installed beside this package, never runtime dependencies.
+# Benchmark environment: peers (SAELens, EleutherAI sparsify) installed beside this package, never runtime dependencies.
 bench-env: .venv-bench/.installed
 
 .venv-bench/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q --upgrade pip
 	.venv-bench/bin/python -m pip install -q $(TORCH_SPEC)
-	.venv-bench/bin/python -m pip install -q sae-lens
+	.venv-bench/bin/python -m pip install -q sae-lens eai-sparsify
 	.venv-bench/bin/python -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -35,8 +35,15 @@ def _circuit_tracer_clt() -> Format:
                   lambda p, device: {s: d.to(device) for s, d in load_clt_circuit_tracer(p).items()})
 
 
+def _sparsify() -> Format:
+    from dictionaries.sparsify_format import is_sparsify_coder, load_sparsify
+
+    return Format("EleutherAI sparsify sparse coder", is_sparsify_coder, load_sparsify)
+
+
 FORMATS: tuple[Callable[[], Format], ...] = (
     _circuit_tracer_clt,
+    _sparsify,
 )
 """Foreign formats, most specific first (factories, so a format's module is imported only when used)."""
 

@@ -3,7 +3,11 @@
 Accepted values:
 
 * ``default`` — the embedded toy-language model shipped inside the package (works offline);
-* a folder saved by :func:`circuitgraph.models.save_model` (``config.json`` + ``model.safetensors``);
+* a folder saved by :func:`circuitgraph.models.save_model` (``config.json`` of TransformerLens
+  fields + ``model.safetensors`` + optional ``tokenizer.json``);
+* a local Hugging Face model folder (``config.json`` naming ``architectures`` / ``model_type`` +
+  ``model.safetensors`` or sharded safetensors + optional tokenizer files), converted by
+  TransformerLens (:mod:`circuitgraph.models.hf_folder`);
 * a llama2.c checkpoint ``.bin`` (its tokenizer is found beside it: ``tokenizer.bin`` or
   ``tok{vocab}.bin``, or named explicitly as ``model.bin:tokenizer.bin``);
 * a TransformerLens model name such as ``gpt2`` (downloads weights; needs internet).
@@ -18,6 +22,7 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import ModelLoadError
+from circuitgraph.models.hf_folder import load_hf_folder, read_hf_config
 from circuitgraph.models.llama2c import load_llama2c, read_header
 from circuitgraph.models.persistence import CONFIG_FILE, load_model
 
@@ -69,6 +74,8 @@ def resolve_model(spec: str, device: str = "cpu") -> HookedTransformer:
         return load_default(device)
     path = Path(spec)
     if path.is_dir():
+        if read_hf_config(path) is not None:
+            return load_hf_folder(path, device=device)
         return load_model(path, device=device)
     model_part, _, tok_part = spec.partition(":")
     if model_part.endswith(".bin") or path.is_file():

@@ -16,13 +16,12 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitgraph.errors import ModelLoadError
-from circuitgraph.toylang.tokenizer import load_tokenizer
+from circuitgraph.models.tokenizer_files import TOKENIZER_FILE, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 
 ARCH_KEYS: tuple[str, ...] = (
     "n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "d_vocab_out",
@@ -79,7 +78,11 @@ def load_model(folder: str | Path, device: str = "cpu") -> HookedTransformer:
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({err}); re-save the model") from err
     cfg = config_from_dict(data, device=device)
-    tokenizer = load_tokenizer(folder / TOKENIZER_FILE) if (folder / TOKENIZER_FILE).is_file() else None
+    if (folder / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(folder / TOKENIZER_FILE, d_vocab=cfg.d_vocab)
+    else:
+        tokenizer = None
+        log.info("%s has no %s: the model takes token ids only (no text prompts)", folder, TOKENIZER_FILE)
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError) as err:

@@ -12,8 +12,6 @@ Built with the Hugging Face ``tokenizers`` library so that it serialises to one 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -57,14 +55,3 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
         name_or_path="circuitgraph-toylang",
     )
 
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved as ``tokenizer.json`` and wrap it for TransformerLens."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; expected a tokenizer.json")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"{path} is not a valid tokenizer.json ({err}); re-create it") from err
-    return wrap_tokenizer(tok)

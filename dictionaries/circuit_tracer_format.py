@@ -94,7 +94,8 @@ def _threshold(d: SparseDictionary) -> torch.Tensor:
     return torch.zeros(d.cfg.d_dict)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``, or a :class:`DictionaryError` naming it."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -130,8 +131,8 @@ def load_clt_circuit_tracer(folder: str | Path, model_name: str = "") -> dict[Si
     out: dict[Site, SparseDictionary] = {}
     first: tuple[int, bool] = (0, False)
     for i in range(n):
-        enc = _read(folder / f"W_enc_{i}.safetensors")
-        dec = _read(folder / f"W_dec_{i}.safetensors")
+        enc = read_tensors(folder / f"W_enc_{i}.safetensors")
+        dec = read_tensors(folder / f"W_dec_{i}.safetensors")
         try:
             w_enc, b_enc, b_dec, w_dec = enc[f"W_enc_{i}"], enc[f"b_enc_{i}"], enc[f"b_dec_{i}"], dec[f"W_dec_{i}"]
         except KeyError as err:

@@ -35,15 +35,40 @@ def _circuit_tracer_clt() -> Format:
                   lambda p, device: {s: d.to(device) for s, d in load_clt_circuit_tracer(p).items()})
 
 
+def _circuit_tracer_transcoders() -> Format:
+    from dictionaries.circuit_tracer_transcoders import (
+        is_circuit_tracer_transcoder_set,
+        load_transcoders_circuit_tracer,
+    )
+
+    return Format("circuit-tracer per-layer transcoder set", is_circuit_tracer_transcoder_set,
+                  load_transcoders_circuit_tracer)
+
+
 def _sparsify() -> Format:
     from dictionaries.sparsify_format import is_sparsify_coder, load_sparsify
 
     return Format("EleutherAI sparsify sparse coder", is_sparsify_coder, load_sparsify)
 
 
+def _saelens() -> Format:
+    from dictionaries.saelens_format import is_saelens_folder, load_saelens_sites
+
+    return Format("SAELens SAE or transcoder", is_saelens_folder, load_saelens_sites)
+
+
+def _gemma_scope() -> Format:
+    from dictionaries.gemma_scope_format import is_gemma_scope, load_gemma_scope
+
+    return Format("Gemma Scope params.npz", is_gemma_scope, lambda p, device: load_gemma_scope(p, device=device))
+
+
 FORMATS: tuple[Callable[[], Format], ...] = (
     _circuit_tracer_clt,
+    _circuit_tracer_transcoders,
     _sparsify,
+    _saelens,
+    _gemma_scope,
 )
 """Foreign formats, most specific first (factories, so a format's module is imported only when used)."""
 

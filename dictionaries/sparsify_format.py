@@ -40,10 +40,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
+from dictionaries.circuit_tracer_format import read_tensors
 from dictionaries.config import DictionaryConfig
 from dictionaries.errors import DictionaryError
 from dictionaries.site import Site
@@ -79,14 +79,6 @@ def hookpoint_site(hookpoint: str, transcode: bool) -> Site:
     return Site(layer, "resid_post")
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise DictionaryError(f"cannot read {path}: {err}; the file is missing or corrupt") from err
-
-
 def _config(folder: Path) -> dict:
     try:
         raw = json.loads((folder / SPARSIFY_CFG).read_text())
@@ -110,7 +102,7 @@ def load_sparsify(folder: str | Path, device: str = "cpu", model_name: str = "")
     raw = _config(folder)
     transcode = bool(raw.get("transcode", False))
     site = hookpoint_site(folder.name, transcode)
-    w = _read(folder / SPARSIFY_WEIGHTS)
+    w = read_tensors(folder / SPARSIFY_WEIGHTS)
     missing = [k for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if k not in w]
     if missing:
         raise DictionaryError(f"{folder / SPARSIFY_WEIGHTS} lacks {', '.join(missing)}; the coder was saved without "

@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex = dsub.add_parser("export", help="write dictionaries in another library's format")
     ex.add_argument("--dicts", required=True, help="folder written by train-dictionaries")
     ex.add_argument("--to", choices=("circuit-tracer",), required=True,
-                    help="circuit-tracer: the folder's cross-layer transcoder (clt sites) as W_enc_i / W_dec_i files")
+                    help="circuit-tracer: the folder's cross-layer transcoder (clt sites) as W_enc_i / W_dec_i files, "
+                         "or its per-layer transcoders (transcoder sites) as a transcoder set (layer_i files)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.set_defaults(func=run_export)
     mm = dsub.add_parser("mmcs", help="mean max cosine similarity between the decoders of two dictionary sets")
@@ -243,12 +244,24 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from circuitgraph.graph.storage import check_distinct, check_writable
     from dictionaries.circuit_tracer_format import save_clt_circuit_tracer
+    from dictionaries.circuit_tracer_transcoders import save_transcoders_circuit_tracer
 
     check_writable(args.out)
     check_distinct(args.out, args.dicts)
     dicts = load_dictionaries(args.dicts)
-    folder = save_clt_circuit_tracer(dicts, args.out)
-    print(json.dumps({"out": str(folder), "format": args.to, "layers": sum(1 for s in dicts if s.is_cross_layer)}))
+    kinds = {s.kind for s in dicts} & {"clt", "transcoder"}
+    if len(kinds) == 2:
+        raise DictionaryError(f"{args.dicts} holds both cross-layer (clt) and per-layer transcoders; circuit-tracer "
+                              "reads one set at a time: export a folder holding only one kind")
+    if not kinds:
+        raise DictionaryError(f"{args.dicts} holds no transcoders to export (sites {', '.join(s.id for s in sorted(dicts))}); "
+                              "circuit-tracer reads cross-layer (clt) or per-layer (transcoder) transcoders")
+    if kinds == {"transcoder"}:
+        folder, kind = save_transcoders_circuit_tracer(dicts, args.out), "transcoder_set"
+    else:
+        folder, kind = save_clt_circuit_tracer(dicts, args.out), "cross_layer_transcoder"
+    print(json.dumps({"out": str(folder), "format": args.to, "model_kind": kind,
+                      "layers": sum(1 for s in dicts if s.kind in kinds)}))
     return 0
 
 

@@ -82,9 +82,14 @@ def save_dictionaries(dicts: Mapping[Site, SparseDictionary], root: str | Path) 
 def load_dictionaries(root: str | Path, device: str = "cpu") -> dict[Site, SparseDictionary]:
     """``{Site: dictionary}`` for every ``root/<site id>/`` folder. ``root`` (or any sub-folder of it)
     may instead hold a format registered in :mod:`dictionaries.formats` (a circuit-tracer cross-layer
-    transcoder, ...); the sites of every part are merged and a site given twice is refused."""
+    transcoder, ...); the sites of every part are merged and a site given twice is refused. A string
+    ``hf:ORG/REPO[/PATH]`` is fetched from (or found in the cache of) the Hugging Face Hub first
+    (:mod:`dictionaries.hub`)."""
     from dictionaries.formats import detect_format
+    from dictionaries.hub import is_hub_reference, resolve_hub_reference
 
+    if is_hub_reference(root):
+        root = resolve_hub_reference(str(root))
     root = Path(root)
     if not root.exists():
         raise DictionaryError(f"dictionary folder {root} does not exist")

@@ -127,6 +127,41 @@ class Site:
             raise ValueError(f"cannot parse site id {text!r}; expected L<layer>.<kind>, e.g. L2.resid_post")
         return cls(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
 
+    @classmethod
+    def from_hook(cls, hook_name: str, out_hook: str | None = None) -> Site:
+        """The site that reads TransformerLens hook ``hook_name`` and writes ``out_hook`` (``None`` or
+        the same hook: an autoencoder). Inverse of :attr:`input_hook` / :attr:`output_hook`, for
+        dictionaries other libraries saved with hook names. ``clt`` is never returned: one layer of a
+        cross-layer transcoder writes several hooks, which no single ``out_hook`` names.
+
+        Raises:
+            ValueError: the hooks are not a site, naming the hooks sites read.
+        """
+        out_hook = out_hook or hook_name
+        for kind, template in _INPUT_HOOK.items():
+            if kind == "clt":
+                continue
+            m = re.fullmatch(re.escape(template).replace(re.escape("{L}"), r"(\d+)"), hook_name)
+            if m is None:
+                continue
+            site = cls(int(m.group(1)), kind)  # type: ignore[arg-type]
+            if site.output_hook == out_hook:
+                return site
+            if site.is_transcoder:
+                raise ValueError(f"a dictionary reading {hook_name} and writing {out_hook} is not a site: the transcoder "
+                                 f"site reading {hook_name} writes {site.output_hook}")
+            break
+        if out_hook != hook_name:
+            raise ValueError(
+                f"a transcoder reading {hook_name} and writing {out_hook} is not a site: transcoders here read "
+                "blocks.L.ln2.hook_normalized (the MLP's normalised input) and write blocks.L.hook_mlp_out of the "
+                "same layer; a different input (the residual stream before the normalisation, hook_mlp_in, ...) "
+                "gives different features, so it cannot be mapped"
+            )
+        hooks = ", ".join(t.format(L="L") for k, t in _INPUT_HOOK.items() if k not in ("transcoder", "clt"))
+        raise ValueError(f"hook {hook_name} is not a site; dictionaries here read one of {hooks} "
+                         "(or blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out for a transcoder)")
+
 
 def expand_sites(kinds: str, layers: str, n_layers: int) -> list[Site]:
     """Sites for comma-separated ``kinds`` (``attn_z`` may be spelt ``attn``) at ``layers``

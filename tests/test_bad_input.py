@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_and_empty_dictionary_folder(tmp_path) -> None:
 
 def test_saelens_refusals(tmp_path) -> None:
     tc = build_dictionary(DictionaryConfig(arch="topk", d_in=4, d_dict=8, d_out=6, k=2))
-    with pytest.raises(DictionaryError, match="autoencoders only"):
+    with pytest.raises(DictionaryError, match="SAELens has no topk transcoder"):
         save_saelens(tc, tmp_path / "tc")
     folder = save_saelens(build_dictionary(DictionaryConfig(arch="relu", d_in=4, d_dict=8)), tmp_path / "sl")
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -123,7 +123,8 @@ def test_saelens_refusals(tmp_path) -> None:
         load_saelens(folder)
     with pytest.raises(DictionaryError, match="not a SAELens SAE folder"):
         load_saelens(tmp_path / "nowhere")
-    topk = save_saelens(build_dictionary(DictionaryConfig(arch="topk", d_in=4, d_dict=8, k=3)), tmp_path / "tk")
+    topk = save_saelens(build_dictionary(DictionaryConfig(arch="topk", d_in=4, d_dict=8, k=3, site="L0.mlp_out")),
+                        tmp_path / "tk")
     assert load_saelens(topk).cfg.k == 3
     cfg = json.loads((topk / "cfg.json").read_text())
     (topk / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "k"}))

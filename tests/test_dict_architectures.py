@@ -11,6 +11,7 @@ from dictionaries.config import ARCHITECTURES, DictionaryConfig
 from dictionaries.errors import DictionaryError
 from dictionaries.persistence import dictionary_state_equal, load_dictionary, save_dictionary
 from dictionaries.saelens_format import load_saelens, save_saelens
+from dictionaries.site import Site
 
 
 def make(arch: str, d_in: int = 8, d_dict: int = 32, d_out: int = 0, skip: bool = False):
@@ -115,7 +116,7 @@ def test_save_load_round_trip(arch: str, tmp_path) -> None:
 def test_saelens_round_trip_gives_same_outputs(arch: str, tmp_path) -> None:
     d = make(arch)
     d.eval()
-    save_saelens(d, tmp_path / "sl", hook_name="blocks.0.hook_resid_post")
+    save_saelens(d, tmp_path / "sl", site=Site(0, "resid_post"))
     e = load_saelens(tmp_path / "sl")
     x = torch.randn(20, 8)
     assert torch.allclose(d(x).output, e(x).output, atol=1e-5)
@@ -130,10 +131,12 @@ def test_saelens_apply_b_dec_to_input_is_folded(tmp_path) -> None:
     g = torch.Generator().manual_seed(0)
     W_enc, W_dec = torch.randn(4, 6, generator=g), torch.randn(6, 4, generator=g)
     b_enc, b_dec = torch.randn(6, generator=g), torch.randn(4, generator=g)
-    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 6,
-                                                  "apply_b_dec_to_input": True, "normalize_activations": "none"}))
-    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors"))
-    d = load_saelens(tmp_path)
+    folder = tmp_path / "L0.resid_post"  # no hook in the config: the folder names the site
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "standard", "d_in": 4, "d_sae": 6,
+                                                "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}, str(folder / "sae_weights.safetensors"))
+    d = load_saelens(folder)
     x = torch.randn(3, 4, generator=g)
     expected = torch.relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec
     assert torch.allclose(d(x).output, expected, atol=1e-5)

@@ -26,3 +26,20 @@ def test_expand_and_errors() -> None:
         Site.parse("layer2-resid")
     with pytest.raises(ValueError, match="cannot parse layers"):
         expand_sites("resid_post", "one", 4)
+
+
+def test_from_hook_inverts_the_hook_names() -> None:
+    for layer in (0, 11):
+        for kind in ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_z", "mlp_post", "transcoder"):
+            site = Site(layer, kind)
+            assert Site.from_hook(site.input_hook, site.output_hook) == site
+            if not site.is_transcoder:
+                assert Site.from_hook(site.input_hook) == site
+    with pytest.raises(ValueError, match="hook hook_embed is not a site; dictionaries here read one of blocks.L.hook_resid_pre"):
+        Site.from_hook("hook_embed")
+    with pytest.raises(ValueError, match="transcoder reading blocks.2.hook_mlp_in and writing blocks.2.hook_mlp_out is not a site"):
+        Site.from_hook("blocks.2.hook_mlp_in", "blocks.2.hook_mlp_out")
+    with pytest.raises(ValueError, match="the transcoder site reading blocks.2.ln2.hook_normalized writes blocks.2.hook_mlp_out"):
+        Site.from_hook("blocks.2.ln2.hook_normalized", "blocks.3.hook_mlp_out")
+    with pytest.raises(ValueError, match="the transcoder site reading blocks.2.ln2.hook_normalized writes"):
+        Site.from_hook("blocks.2.ln2.hook_normalized")  # an SAE of the normalised MLP input is no site

@@ -53,13 +53,19 @@ def tensor_file_tokens(path: str | Path) -> TensorTokens:
     return TensorTokens(data["tokens"])
 
 
+NO_TOKENIZER = ("the model has no tokenizer, so text cannot be turned into token ids; put the model's tokenizer.json "
+                "in its folder, or give token ids instead: a safetensors file holding a 'tokens' tensor "
+                "[n_seq, seq_len] (--tokens-file)")
+"""Why text inputs are refused for a model without a tokenizer, and the two fixes."""
+
+
 def text_file_tokens(path: str | Path, model, seq_len: int = 128) -> TensorTokens:
     """A UTF-8 text file tokenised with ``model``'s tokenizer, one BOS per ``seq_len`` sequence."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"text file {path} not found")
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; give tokens as a tensor file instead")
+        raise ValueError(NO_TOKENIZER)
     ids = model.to_tokens(path.read_text(encoding="utf-8"), prepend_bos=False, truncate=False)[0]
     body = seq_len - 1
     n = ids.numel() // body
@@ -78,7 +84,7 @@ def hf_dataset_tokens(name: str, model, seq_len: int = 128, n_sequences: int = 2
     import datasets
 
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; give tokens as a tensor file instead")
+        raise ValueError(NO_TOKENIZER)
     try:
         stream = datasets.load_dataset(name, split=split, streaming=True)
         first = next(iter(stream), None)

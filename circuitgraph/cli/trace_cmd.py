@@ -255,8 +255,10 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
 
     if rm is None:
         raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
+    from circuitgraph.models.tokenizer_files import require_tokenizer
     from circuitgraph.tasks.dataset import check_in_vocabulary
 
+    require_tokenizer(model, "--prompt", "a --dataset file whose rows give prompt_ids and answer_ids")
     check_in_vocabulary(model, args.prompt, "--prompt")
     tokens = model.to_tokens(args.prompt, truncate=False)
     metric = _answer_metric(args, model)

@@ -44,7 +44,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
 MAX_CTX = 2048
 """Largest context a converted model gets (longer ones are capped, as TransformerLens does for its
 own large models)."""
-VERIFY_TOKENS = 8
+VERIFY_TOKENS = 32
 """Length of the random sequence on which converted and original logits are compared."""
 VERIFY_RTOL = 1e-3
 """Largest logit difference accepted, relative to the largest logit (at least 1)."""
@@ -175,8 +175,10 @@ def load_hf_folder(folder: str | Path, device: str = "cpu") -> HookedTransformer
         model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                           fold_value_biases=False, refactor_factored_attn_matrices=False)
     except RuntimeError as err:  # shape mismatch: a config field the mapping ignores
-        raise ModelLoadError(f"TransformerLens's {arch} weights do not fit its config for {folder} "
-                             f"({str(err).splitlines()[0]}); this variant of {arch} is not supported") from err
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing", "Unexpected"))), lines[0])
+        raise ModelLoadError(f"TransformerLens's {arch} weights do not fit its config for {folder} ({detail}); "
+                             f"this variant of {arch} is not supported") from err
     model.eval()
     diff = _verify(model, hf_model, folder)
     log.info("loaded %s (%s, %d layers) via TransformerLens; logits match transformers to %.2g", folder, arch,

@@ -32,6 +32,7 @@ SAELens ``architecture``    ours               notes
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -278,3 +279,17 @@ def save_saelens(d: SparseDictionary, folder: str | Path, site: Site | None = No
     cfg["architecture"] = arch
     (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
+
+
+def save_saelens_set(dicts: Mapping[Site, SparseDictionary], root: str | Path) -> Path:
+    """Write each dictionary as a SAELens folder ``root/<site id>/`` (a folder of SAE folders, the way
+    SAELens repositories hold one SAE per hook); ``load_dictionaries(root)`` reads it back. Returns ``root``."""
+    for site, d in sorted(dicts.items()):  # every refusal before the first file is written
+        try:
+            _saelens_arch(d, site)
+        except DictionaryError as err:
+            raise DictionaryError(f"{site.id}: {err}") from err
+    root = Path(root)
+    for site, d in sorted(dicts.items()):
+        save_saelens(d, root / site.id, site=site)
+    return root

@@ -225,3 +225,31 @@ def test_gemma_scope_site_rules_and_refusals(tmp_path) -> None:
     (loose / "params.npz").write_bytes(b"junk")
     with pytest.raises(DictionaryError, match="missing or corrupt"):
         load_gemma_scope(loose, site=Site(4, "mlp_out"))
+
+
+def test_cli_export_to_saelens_reads_back(tmp_path, capsys) -> None:
+    from circuitgraph.cli.main import main
+    from circuitgraph.models.loading import V1_DICTS_DIR
+    from dictionaries.persistence import save_dictionaries
+
+    g = torch.Generator().manual_seed(2)
+    dicts = {}
+    for arch, skip, site in (("relu", False, Site(0, "resid_post")), ("topk", False, Site(1, "attn_z")),
+                             ("jumprelu", True, Site(2, "transcoder"))):
+        d = build_dictionary(DictionaryConfig(arch=arch, d_in=32, d_dict=64, k=6, skip=skip, site=site.id))
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        dicts[site] = d.eval()
+    save_dictionaries(dicts, tmp_path / "ours")
+    assert main(["dicts", "export", "--dicts", str(tmp_path / "ours"), "--to", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    assert json.loads(capsys.readouterr().out)["sites"] == ["L0.resid_post", "L1.attn_z", "L2.transcoder"]
+    back = load_dictionaries(tmp_path / "sl")
+    assert set(back) == set(dicts)
+    x = torch.randn(8, 32, generator=g)
+    for site, d in dicts.items():
+        torch.testing.assert_close(back[site](x).output, d(x).output, atol=1e-5, rtol=1e-5)
+    # the v1 set's transcoders are TopK, which SAELens cannot hold: one clear line, no traceback
+    assert main(["dicts", "export", "--dicts", str(V1_DICTS_DIR), "--to", "saelens", "--out", str(tmp_path / "v1")]) == 2
+    assert "L0.transcoder: SAELens has no topk transcoder" in capsys.readouterr().err
+    assert not (tmp_path / "v1").exists() or not any((tmp_path / "v1").iterdir())  # nothing half-written

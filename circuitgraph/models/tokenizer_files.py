@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import Tokenizer
+from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from circuitgraph.errors import ModelLoadError
+from circuitgraph.errors import CircuitGraphError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +159,22 @@ def load_tokenizer(path: str | Path, d_vocab: int | None = None) -> PreTrainedTo
         raise ModelLoadError(f"wrapping {path} changed its vocabulary from {n_ids} to {len(wrapped)} ids")
     log.debug("tokenizer %s: %d ids, special tokens %s", path, n_ids, sp)
     return wrapped
+
+
+def require_tokenizer(model: HookedTransformer, what: str, token_ids: str) -> None:
+    """Refuse text input to a model without a tokenizer, naming both fixes.
+
+    Args:
+        model: the model the text is for.
+        what: the input that is text (e.g. ``"--prompt"``).
+        token_ids: how to give the same input as token ids instead.
+
+    Raises:
+        CircuitGraphError: ``model`` has no tokenizer.
+    """
+    if model.tokenizer is None:
+        raise CircuitGraphError(
+            f"{what} is text, and this model has no tokenizer to turn it into token ids; put the model's "
+            f"{TOKENIZER_FILE} in its folder (Hugging Face folders: save it there with "
+            f"AutoTokenizer.from_pretrained(...).save_pretrained(folder)), or give token ids instead: {token_ids}"
+        )

@@ -2,19 +2,19 @@
 
 So people can bring SAELens SAEs and transcoders here and take ours to SAELens. Architectures:
 
-=========================== ================== ===========================================
-SAELens ``architecture``    ours               notes
-=========================== ================== ===========================================
-``standard``                ``relu``
-``topk``                    ``topk``           ``k`` from the config; ``rescale_acts_by_decoder_norm``
-                                               folded into the weights (same latents)
-``jumprelu``                ``jumprelu``       ``threshold`` stored directly
-``gated``                   ``gated``          SAELens's ``b_gate`` is our ``b_enc``
-``transcoder``              ``relu``           ``d_out`` wide decoder
-``skip_transcoder``         ``relu`` + skip    SAELens's ``W_skip`` is ``[d_out, d_in]``: ours is its transpose
-``jumprelu_transcoder``     ``jumprelu``
+============================ ==================== =======================================================
+SAELens ``architecture``     ours                 notes
+============================ ==================== =======================================================
+``standard``                 ``relu``
+``topk``                     ``topk``             ``k`` from the config; ``rescale_acts_by_decoder_norm``
+                                                  folded into the weights (same latents)
+``jumprelu``                 ``jumprelu``         ``threshold`` stored directly
+``gated``                    ``gated``            SAELens's ``b_gate`` is our ``b_enc``
+``transcoder``               ``relu``             ``d_out`` wide decoder
+``skip_transcoder``          ``relu`` + skip      SAELens's ``W_skip`` is ``[d_out, d_in]``; ours is its transpose
+``jumprelu_transcoder``      ``jumprelu``
 ``jumprelu_skip_transcoder`` ``jumprelu`` + skip
-=========================== ================== ===========================================
+============================ ==================== =======================================================
 
 * SAELens subtracts ``b_dec`` from an SAE's input when ``apply_b_dec_to_input``; we fold that into
   the encoder bias (exactly equivalent). Our input/output scale factors are folded into the weights

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from circuitgraph.cli.main import main
 from circuitgraph.errors import ModelLoadError
-from circuitgraph.models import resolve_model
+from circuitgraph.models import load_model, resolve_model
 from circuitgraph.models.hf_folder import SUPPORTED_ARCHITECTURES
 
 TEXT = [
@@ -141,6 +141,8 @@ def test_sharded_safetensors_folder(tmp_path) -> None:
 
 def test_refusals(gpt2_folder, tmp_path) -> None:
     folder, _ = gpt2_folder
+    with pytest.raises(ModelLoadError, match="is a Hugging Face model folder; load it with resolve_model"):
+        load_model(folder)  # our own saved-folder reader names the right one
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))

@@ -77,6 +77,9 @@ def load_model(folder: str | Path, device: str = "cpu") -> HookedTransformer:
         data = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{cfg_path} is not valid JSON ({err}); re-save the model") from err
+    if "architectures" in data or "model_type" in data:
+        raise ModelLoadError(f"{folder} is a Hugging Face model folder; load it with resolve_model (--model {folder}) "
+                             "or load_hf_folder")
     cfg = config_from_dict(data, device=device)
     if (folder / TOKENIZER_FILE).is_file():
         tokenizer = load_tokenizer(folder / TOKENIZER_FILE, d_vocab=cfg.d_vocab)

@@ -139,6 +139,16 @@ def test_sharded_safetensors_folder(tmp_path) -> None:
         assert (resolve_model(str(tmp_path / "m"))(tokens) - _hf_logits(hf_model, tokens)).abs().max().item() < 1e-4
 
 
+def test_config_with_model_type_only(tmp_path) -> None:
+    hf_model = write_folder(tmp_path / "m", "GPT2LMHeadModel", vocab=300)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["architectures"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    tokens = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (resolve_model(str(tmp_path / "m"))(tokens) - _hf_logits(hf_model, tokens)).abs().max().item() < 1e-4
+
+
 def test_refusals(gpt2_folder, tmp_path) -> None:
     folder, _ = gpt2_folder
     with pytest.raises(ModelLoadError, match="is a Hugging Face model folder; load it with resolve_model"):

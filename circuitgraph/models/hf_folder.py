@@ -100,6 +100,7 @@ def _check_weights(folder: Path) -> None:
 def _tl_config(folder: Path, arch: str, hf_model: torch.nn.Module) -> HookedTransformerConfig:
     """TransformerLens's config for the folder's model, mapped by its own code (see step 3)."""
     data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    data["architectures"] = [arch]  # a config naming only model_type: TransformerLens reads architectures[0]
     if arch == "GPT2LMHeadModel" and "n_ctx" not in data:  # TransformerLens reads n_ctx, which transformers 5 no longer writes
         data["n_ctx"] = data.get("n_positions", 1024)
     hf_ctx = int(data.get("max_position_embeddings") or data.get("n_positions") or data.get("n_ctx") or MAX_CTX)
@@ -161,7 +162,11 @@ def load_hf_folder(folder: str | Path, device: str = "cpu") -> HookedTransformer
         raise ModelLoadError(f"transformers could not load {folder} ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}); check its files") from err
     cfg = _tl_config(folder, arch, hf_model)
-    state = tl_loading.get_pretrained_state_dict(str(folder.resolve()), cfg, hf_model=hf_model, dtype=torch.float32)
+    try:
+        state = tl_loading.get_pretrained_state_dict(str(folder.resolve()), cfg, hf_model=hf_model, dtype=torch.float32)
+    except Exception as err:  # quantised weights, missing modules: TransformerLens raises many types
+        raise ModelLoadError(f"TransformerLens could not convert the {arch} weights of {folder} "
+                             f"({type(err).__name__}: {err})") from err
     if "pos_embed.W_pos" in state:  # learned positions beyond the (capped) context are dropped
         state["pos_embed.W_pos"] = state["pos_embed.W_pos"][: cfg.n_ctx]
     tokenizer = None

@@ -20,6 +20,11 @@ their clean values. With m the task metric averaged over prompts, M every node k
 
 The ceiling is the most any features-only circuit can reach with these dictionaries; the
 errors-only figure is how much the dictionaries' error terms alone carry.
+
+The same formulas hold for every metric. For ``kl`` (divergence from the clean distribution)
+m(M) is 0 (up to rounding) and m(empty) > 0, so faithfulness = 1 - m(C) / m(empty): 1 when the
+circuit reproduces the clean output distribution, 0 when it is as far from it as ablating
+everything; completeness = m(M without C) / m(empty).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from circuitgraph.attribution.nodeset import AblatedNodes, KeptNodes
-from circuitgraph.attribution.runs import ABLATIONS, AblationKind, BatchRun, DatasetRuns, metric_of
+from circuitgraph.attribution.runs import ABLATIONS, AblationKind, BatchRun, DatasetRuns, metric_of, run_batch
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
@@ -94,6 +99,8 @@ class Ablator:
             ablated, fill = nodes, False
         else:
             raise CircuitGraphError(f"expected KeptNodes or AblatedNodes, got {type(nodes).__name__}")
+        if ablated.resolved:
+            self.runs.check_from_end()
         total = 0.0
         for b in self.runs.batches:
             base_lat, base_err = self.runs.baseline(self.kind, b)
@@ -104,7 +111,7 @@ class Ablator:
                 return self._ablate(b, lat, base_lat[site], ablated.features.get(site), ablated.resolved,
                                     self.d_dicts[site], fill)
 
-            logits = self.rm.run(b.ds.clean_tokens, SpliceSpec(errors=errors, edit_latents=edit)).logits
+            logits = run_batch(self.rm, b.ds, SpliceSpec(errors=errors, edit_latents=edit)).logits
             total += float(metric_of(logits, b.ds).sum())
         return sum_float(total) / self.runs.n_prompts
 

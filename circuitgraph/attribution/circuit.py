@@ -33,7 +33,7 @@ from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.replacement.model import ReplacementModel, site_depth
-from circuitgraph.tasks.dataset import TaskDataset
+from circuitgraph.tasks.dataset import Metric, TaskDataset
 from dictionaries.distributed import sum_across_ranks, world
 
 log = logging.getLogger(__name__)
@@ -243,11 +243,16 @@ def _shard(ds: TaskDataset) -> TaskDataset:
 
 
 def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | None = None,
-                  eval_ds: TaskDataset | None = None) -> TraceResult:
+                  eval_ds: TaskDataset | None = None, metric: Metric | None = None) -> TraceResult:
     """Score nodes on ``ds``, choose the circuit (top scores, smallest faithful, or ACDC), score its
-    edges, and evaluate it on ``eval_ds`` (held out; prompts disjoint from ``ds``) and on ``ds``."""
+    edges, and evaluate it on ``eval_ds`` (held out; prompts disjoint from ``ds``) and on ``ds``.
+    ``metric``: a metric name or a callable ``fn(logits [n, seq, vocab], batch) -> [n]`` used instead
+    of the datasets' own (:mod:`circuitgraph.tasks.metrics`)."""
     cfg = cfg or CircuitConfig()
     start = time.perf_counter()
+    if metric is not None:
+        ds = ds.with_metric(metric)
+        eval_ds = None if eval_ds is None else eval_ds.with_metric(metric)
     full_ds = ds
     ds = _shard(ds)  # under torchrun: every rank takes prompts rank, rank + world, ...; sums are reduced
     if eval_ds is not None:
@@ -289,11 +294,12 @@ def trace_dataset(rm: ReplacementModel, ds: TaskDataset, cfg: CircuitConfig | No
     held_out = eval_ds is not None
     evaluation = evaluate_circuit(Ablator(rm, DatasetRuns(rm, _shard(eval_ds), cfg.batch_size), cfg.ablation),
                                   circuit) if held_out else selection
-    graph = build_graph(rm, circuit, scores, acfg, ds.metric_kind)
+    graph = build_graph(rm, circuit, scores, acfg, ds.metric_name)
     seconds = time.perf_counter() - start
     passes = rm.forward_passes - passes0
     graph.metadata.update({
-        "method": cfg.method, "task": ds.name, "n_prompts": len(full_ds), "prompts": full_ds.prompts[:16],
+        "method": cfg.method, "task": ds.name, "metric": ds.metric_name, "n_prompts": len(full_ds),
+        "prompts": full_ds.prompts[:16],
         "world_size": world()[1], "sites": [s.id for s in rm.sites], "ablation": cfg.ablation,
         "max_nodes": cfg.max_nodes, "max_feature_nodes": cfg.max_feature_nodes, "positions": cfg.positions,
         **circuit_summary(evaluation, selection, held_out),

@@ -13,7 +13,10 @@ An edge u -> d exists when u is computed before d.
   at least ``tau * |m(full) - m(empty)|``.
 
 Needs TransformerLens's split q/k/v inputs, per-head results and the MLP-input hook; they are
-switched on inside :func:`component_hooks_enabled` and restored afterwards.
+switched on inside :func:`component_hooks_enabled` and restored afterwards. Padded batches run with
+their attention mask; sums and mean-ablation means cover the counted positions (real tokens, BOS
+included, up to the answer in a causal model). With a metric flat at the clean run (``kl``) EAP
+takes its gradient at the midpoint embedding (EAP-IG with one step).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from circuitgraph.attribution.runs import AblationKind, batches, metric_of, posi
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
-from circuitgraph.tasks.dataset import TaskDataset
+from circuitgraph.replacement.masking import is_causal, run_model
+from circuitgraph.tasks.dataset import Metric, TaskDataset
+from circuitgraph.tasks.metrics import flat_at_clean, needs_reference, with_reference
 from dictionaries.site import ModelHooks
 
 log = logging.getLogger(__name__)
@@ -93,13 +98,21 @@ def component_hooks_enabled(model: HookedTransformer) -> Iterator[None]:
             model.set_use_hook_mlp_in(old[2])
 
 
-def _sender_outputs(model: HookedTransformer, tokens: torch.Tensor) -> dict[Component, torch.Tensor]:
+def _sender_outputs(model: HookedTransformer, tokens: torch.Tensor,
+                    mask: torch.Tensor | None) -> dict[Component, torch.Tensor]:
     """``[B, P, d_model]`` output of every sender on ``tokens`` (one forward pass)."""
     out: dict[Component, torch.Tensor] = {}
-    hooks = _sender_capture_hooks(model, out, detach=True)
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens)
+    with torch.no_grad():
+        run_model(model, tokens, mask, _sender_capture_hooks(model, out, detach=True))
     return out
+
+
+def _with_reference(model: HookedTransformer, b: TaskDataset) -> TaskDataset:
+    """``b`` carrying the clean distribution when its metric needs it."""
+    if not needs_reference(b):
+        return b
+    with torch.no_grad():
+        return with_reference(b, run_model(model, b.clean_tokens, b.attention_mask))
 
 
 def _sender_capture_hooks(model: HookedTransformer, out: dict, detach: bool) -> list:
@@ -145,16 +158,21 @@ def edge_scores(model: HookedTransformer, ds: TaskDataset, method: str = "attrib
     snd, rcv = senders(model), receivers(model)
     scores = torch.zeros(len(rcv), len(snd), dtype=torch.float64)
     m_clean = m_corr = 0.0
+    causal = is_causal(model)
     with component_hooks_enabled(model):
         for b in batches(ds, batch_size):
-            clean = _sender_outputs(model, b.clean_tokens)
-            corr = _sender_outputs(model, b.corrupted_tokens)
-            mask = position_mask(b, b.clean_tokens.shape[1]).unsqueeze(-1)
-            mask[:, 0] = 1.0  # component outputs at BOS count too
+            b = _with_reference(model, b)
+            clean = _sender_outputs(model, b.clean_tokens, b.attention_mask)
+            corr = _sender_outputs(model, b.corrupted_tokens, b.attention_mask)
+            # component outputs at BOS count too
+            mask = position_mask(b, b.clean_tokens.shape[1], causal, include_first=True).unsqueeze(-1)
             with torch.no_grad():
-                m_clean += float(metric_of(model(b.clean_tokens), b).sum())
-                m_corr += float(metric_of(model(b.corrupted_tokens), b).sum())
-            steps = [1.0] if method == "attribution" else [(i + 0.5) / ig_steps for i in range(ig_steps)]
+                m_clean += float(metric_of(run_model(model, b.clean_tokens, b.attention_mask), b).sum())
+                m_corr += float(metric_of(run_model(model, b.corrupted_tokens, b.attention_mask), b).sum())
+            if method == "ig":
+                steps = [(i + 0.5) / ig_steps for i in range(ig_steps)]
+            else:  # a metric flat at the clean run: the midpoint's gradient
+                steps = [0.5] if flat_at_clean(b) else [1.0]
             grads = {r: 0.0 for r in rcv}
             e_clean = model.embed(b.clean_tokens)
             e_corr = model.embed(b.corrupted_tokens)
@@ -180,8 +198,8 @@ def _receiver_grads(model: HookedTransformer, b: TaskDataset, rcv: list[Componen
 
     names = {n for r in rcv for n, _ in _receiver_hook_names(model, r)}
     hooks = [(n, keep(n)) for n in names] + [(ModelHooks.embed, lambda act, hook: embed.detach())]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        m = metric_of(model(b.clean_tokens), b).sum()
+    with torch.enable_grad():
+        m = metric_of(run_model(model, b.clean_tokens, b.attention_mask, hooks), b).sum()
         m.backward()
     out = {}
     for r in rcv:
@@ -202,13 +220,20 @@ class EdgeAblator:
         self.snd, self.rcv = senders(model), receivers(model)
         self.parts = []
         self.forward_passes = 0
+        causal = is_causal(model)
         with component_hooks_enabled(model):
-            outs = [(b, _sender_outputs(model, b.clean_tokens), _sender_outputs(model, b.corrupted_tokens))
-                    for b in batches(ds, batch_size)]
+            outs = []
+            for b in batches(ds, batch_size):
+                b = _with_reference(model, b)
+                outs.append((b, _sender_outputs(model, b.clean_tokens, b.attention_mask),
+                             _sender_outputs(model, b.corrupted_tokens, b.attention_mask)))
         means = {}
-        if kind == "mean":
-            n = sum(float(o[1][self.snd[0]][..., 0].numel()) for o in outs)
-            means = {s: sum(o[1][s].sum((0, 1)) for o in outs) / n for s in self.snd}
+        if kind == "mean":  # over the counted positions (BOS included), never padding
+            counted = [position_mask(b, b.clean_tokens.shape[1], causal, include_first=True).unsqueeze(-1)
+                       for b, _, _ in outs]
+            n = sum(float(c.sum()) for c in counted)
+            means = {s: sum((o[1][s] * c).sum((0, 1)) for o, c in zip(outs, counted, strict=True)) / n
+                     for s in self.snd}
         for b, clean, corr in outs:
             if kind == "patch":
                 abl = corr
@@ -233,8 +258,7 @@ class EdgeAblator:
                         continue
                     for name, head in _receiver_hook_names(self.model, r):
                         hooks.append((name, self._patch(idx, head, cur, abl)))
-                with self.model.hooks(fwd_hooks=hooks):
-                    logits = self.model(b.clean_tokens)
+                logits = run_model(self.model, b.clean_tokens, b.attention_mask, hooks)
                 self.forward_passes += 1
                 total += float(metric_of(logits, b).sum())
         return total / self.n_prompts
@@ -288,10 +312,14 @@ def _edge_scores(ablator: EdgeAblator, valid: torch.Tensor, keep: torch.Tensor, 
 
 
 def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCircuitConfig | None = None,
-                     eval_ds: TaskDataset | None = None) -> tuple[Graph, dict]:
+                     eval_ds: TaskDataset | None = None, metric: Metric | None = None) -> tuple[Graph, dict]:
     """A component circuit selected on ``ds`` and its metadata (faithfulness, completeness, forward
-    passes), evaluated on the held-out ``eval_ds`` when given (``selection_*``: on ``ds``)."""
+    passes), evaluated on the held-out ``eval_ds`` when given (``selection_*``: on ``ds``).
+    ``metric``: a metric name or callable used instead of the datasets' own."""
     cfg = cfg or ComponentCircuitConfig()
+    if metric is not None:
+        ds = ds.with_metric(metric)
+        eval_ds = None if eval_ds is None else eval_ds.with_metric(metric)
     start = time.perf_counter()
     sc = edge_scores(model, ds, "ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size)
     valid = torch.tensor([[s.order < r.order for s in sc.senders] for r in sc.receivers])
@@ -328,8 +356,9 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
     selection = _edge_scores(ablator, valid, keep)
     held_ablator = EdgeAblator(model, eval_ds, cfg.ablation, cfg.batch_size) if eval_ds is not None else None
     held = _edge_scores(held_ablator, valid, keep) if held_ablator is not None else selection
-    graph = _component_graph(sc, keep, ds.metric_kind)
-    meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "ablation": cfg.ablation,
+    graph = _component_graph(sc, keep, ds.metric_name)
+    meta = {"method": cfg.method, "granularity": "components", "task": ds.name, "metric": ds.metric_name,
+            "ablation": cfg.ablation,
             "held_out": eval_ds is not None, **{k: v for k, v in held.items() if k != "n_prompts"},
             "eval_n_prompts": held["n_prompts"], **{f"selection_{k}": v for k, v in selection.items()},
             "n_prompts": len(ds), "n_circuit_edges": int(keep.sum()),

@@ -26,7 +26,16 @@ Edge scores between kept nodes u -> d (d downstream of u):
 
 where the direct Jacobian holds every other node fixed (all sites are leaves), and dm/dd is the
 gradient used for d's node score (averaged over the IG path for ``ig``). The metric node's incoming
-edges are the nodes' direct effects on the metric.
+edges are the nodes' direct effects on the metric. Positions are the counted ones
+(:func:`~circuitgraph.attribution.runs.position_mask`: every real token that can influence the
+answer, so in a bidirectional model also the tokens after it).
+
+A metric whose gradient vanishes at the clean run (``kl``: the clean run is its minimum) would give
+every attribution-patching score and every direct edge into the metric as 0. For ``kl``,
+``attribution`` therefore takes each site's gradient halfway between its baseline and clean
+values (IG with one midpoint step, exact for a quadratic metric), and the metric's incoming edges
+take the gradient with every leaf halfway between its baseline and clean values (for a quadratic
+metric they then add up to m(clean) - m(every leaf at its baseline)).
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ from circuitgraph.attribution.runs import (
     metric_of,
     position_mask,
     position_offsets,
+    run_batch,
 )
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
+from circuitgraph.tasks.metrics import flat_at_clean
 from dictionaries.distributed import sum_across_ranks
 from dictionaries.site import Site
 
@@ -146,7 +157,7 @@ def _grads_at(rm: ReplacementModel, v: BatchRun, sites: list[Site],
     errs.update(errors or {})
     spec = SpliceSpec(latents=latents or {}, errors=errs, edit_latents=_edit_adding(lat_d), edit_errors=_edit_adding(err_d))
     with torch.enable_grad():
-        m = metric_of(rm.run(v.ds.clean_tokens, spec).logits, v.ds).sum()
+        m = metric_of(run_batch(rm, v.ds, spec).logits, v.ds).sum()
         g = torch.autograd.grad(m, [*lat_d.values(), *err_d.values()], allow_unused=True)
     g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [*lat_d.values(), *err_d.values()], strict=True)]
     return dict(zip(sites, g[: len(sites)], strict=True)), dict(zip(sites, g[len(sites) :], strict=True))
@@ -162,27 +173,34 @@ def score_nodes(rm: ReplacementModel, data: TaskDataset | DatasetRuns,
     or its cached runs (:class:`DatasetRuns`, shared with the ablator)."""
     cfg = cfg or DatasetAttributionConfig()
     runs = _runs_for(rm, data, cfg.batch_size)
+    if cfg.positions == "from_end":
+        runs.check_from_end()
     sites = rm.sites
     n_off = runs.n_positions if cfg.positions == "from_end" else 1
+    # attribution at a metric flat at the clean run: one IG step at the midpoint instead
+    steps = cfg.ig_steps if cfg.method == "ig" else (1 if flat_at_clean(runs.ds) else 0)
+    if cfg.method == "attribution" and steps:
+        log.info("metric %s is flat at the clean run: attribution takes each site's gradient halfway between its "
+                 "baseline and clean values", runs.ds.metric_name)
     feat = {s: torch.zeros(n_off * rm.dicts[s].cfg.d_dict, dtype=torch.float64) for s in sites}
     errs = {s: torch.zeros(n_off, dtype=torch.float64) for s in sites}
     grads = []
     for v in tqdm(runs.batches, desc=f"node scores ({cfg.method})", disable=not cfg.progress, leave=False):
         base_lat, base_err = runs.baseline(cfg.baseline, v)
         mask = v.mask.unsqueeze(-1)
-        if cfg.method == "attribution":
+        if not steps:
             g_lat, g_err = _grads_at(rm, v, sites)
         else:
             g_lat = {s: torch.zeros_like(v.clean_latents[s]) for s in sites}
             g_err = {s: torch.zeros_like(v.clean_errors[s]) for s in sites}
             for s in sites:
-                for step in range(cfg.ig_steps):
-                    alpha = (step + 0.5) / cfg.ig_steps
+                for step in range(steps):
+                    alpha = (step + 0.5) / steps
                     lat = base_lat[s] + alpha * (v.clean_latents[s] - base_lat[s])
                     err = base_err[s] + alpha * (v.clean_errors[s] - base_err[s])
                     gl, ge = _grads_at(rm, v, [s], latents={s: lat}, errors={s: err})
-                    g_lat[s] += gl[s] / cfg.ig_steps
-                    g_err[s] += ge[s] / cfg.ig_steps
+                    g_lat[s] += gl[s] / steps
+                    g_err[s] += ge[s] / steps
         for s in sites:
             d_lat = (v.clean_latents[s] - base_lat[s]) * mask
             d_err = (v.clean_errors[s] - base_err[s]) * mask
@@ -217,9 +235,20 @@ def score_edges(rm: ReplacementModel, nodes: list[DatasetNode], scores: NodeScor
         lat_leaf = {s: v.clean_latents[s].clone().requires_grad_(True) for s in sites}
         err_leaf = {s: v.clean_errors[s].clone().requires_grad_(True) for s in sites}
         with torch.enable_grad():
-            run = rm.run(v.ds.clean_tokens, SpliceSpec(latents=lat_leaf, errors=err_leaf, record_active_values=True))
-            m = metric_of(run.logits, v.ds).sum()
-            outs = [m]
+            run = run_batch(rm, v.ds, SpliceSpec(latents=lat_leaf, errors=err_leaf, record_active_values=True))
+            if flat_at_clean(v.ds):  # the metric's direct gradient with every leaf halfway to its baseline
+                mid = {s: ((v.clean_latents[s] + base_lat[s]) / 2).requires_grad_(True) for s in sites}
+                mid_e = {s: ((v.clean_errors[s] + base_err[s]) / 2).requires_grad_(True) for s in sites}
+                m_mid = metric_of(run_batch(rm, v.ds, SpliceSpec(latents=mid, errors=mid_e)).logits, v.ds).sum()
+                g = torch.autograd.grad(m_mid, [*mid.values(), *mid_e.values()], allow_unused=True)
+                g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [*mid.values(), *mid_e.values()],
+                                                                                 strict=True)]
+                metric_row = _per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v, base_lat, base_err,
+                                       scores.resolved)
+                outs = []
+            else:
+                metric_row = None
+                outs = [metric_of(run.logits, v.ds).sum()]
             for i in targets:
                 r = nodes[i]
                 active = (v.clean_latents[r.site][..., r.feature] > 0).float() * v.mask
@@ -233,6 +262,8 @@ def score_edges(rm: ReplacementModel, nodes: list[DatasetNode], scores: NodeScor
                 g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, leaves, strict=True)]
                 rows.append(_per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v, base_lat, base_err,
                                       scores.resolved))
+        if metric_row is not None:
+            rows.insert(0, metric_row)
         block = torch.cat(rows)  # [1 + len(targets), n]
         metric_edges += block[0]
         edges[targets] += block[1:]

@@ -15,7 +15,9 @@
    explains), so incoming edges + bias = activation exactly.
 
 Works for residual, MLP-output, attention-``z``, neuron and transcoder dictionaries, mixed freely
-(one dictionary per output hook).
+(one dictionary per output hook), and for causal and bidirectional attention (a causal model's
+target at position t has no gradient after t, which bounds the work; a bidirectional one's reads
+every position).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.influence import influence_of_edges
 from circuitgraph.graph.nodes import Node
+from circuitgraph.replacement.masking import is_causal
 from circuitgraph.replacement.model import ReplacementModel, SpliceSpec, site_depth
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     rm.check_tokens(tokens)
     model, sites = rm.model, rm.sites
     n_pos = tokens.shape[1]
+    causal = is_causal(model)
     with torch.no_grad():
         clean = rm.run(tokens, record_frozen=True)
         embed = model.embed(tokens)  # [1, P, d_model]
@@ -190,7 +194,8 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     def visit(batch_keys: list[int], graph) -> None:
         record, unembed_in, leaves = graph
         batch_keys = sorted(batch_keys, key=key_pos)  # rows by position: causality bounds the work below
-        row_pos = torch.tensor([key_pos(k) for k in batch_keys])
+        # the last position each row's gradient can reach: its own (causal) or the prompt's end
+        row_pos = torch.tensor([key_pos(k) if causal else n_pos - 1 for k in batch_keys])
         n = len(batch_keys)
         seeds: dict = {}
         seed_out = None
@@ -331,9 +336,9 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
 def _feature_edges(g_out: torch.Tensor, dec: torch.Tensor, p: torch.Tensor, f: torch.Tensor, values: torch.Tensor,
                    row_pos: torch.Tensor, chunks: int = 4) -> torch.Tensor:
     """``[n, A]`` edges from the ``A`` active features ``(p, f)`` of one site into ``n`` targets:
-    ``values * (g_out[:, p] . dec[f])``. Rows are sorted by target position; a target at position
-    t has zero gradient after t, so each chunk of rows only multiplies the positions up to its
-    last target, and rows with no gradient at this site are skipped."""
+    ``values * (g_out[:, p] . dec[f])``. ``row_pos``: the last position each row's gradient can
+    reach (in a causal model its target's position), so each chunk of rows only multiplies the
+    positions up to its largest, and rows with no gradient at this site are skipped."""
     n = g_out.shape[0]
     out = torch.zeros(n, p.numel(), dtype=g_out.dtype)
     live = g_out.flatten(1).abs().amax(1) > 0  # [n]

@@ -5,6 +5,12 @@ site's latents and error terms on the clean and on the corrupted prompts, the me
 which positions count. :class:`DatasetRuns` makes them with two forward passes per batch and keeps
 them; the ablation baselines (``patch``: the corrupted values; ``mean``: the mean clean value over
 the dataset's counted positions; ``zero``) are derived from them.
+
+Counted positions (:func:`position_mask`) are those whose nodes can influence the answer: real
+tokens (padding excluded) after each row's first one (BOS, never spliced), up to the answer position
+(the last target) in a causal model, every real token in a bidirectional one. Padded batches run
+with their attention mask, so each prompt's values equal those of the prompt run alone. When the
+metric reads the clean distribution (``kl``), each batch carries it (``BatchRun.ds``).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Literal, NamedTuple
 import torch
 
 from circuitgraph.errors import CircuitGraphError
-from circuitgraph.replacement.model import ReplacementModel
+from circuitgraph.replacement.masking import is_causal
+from circuitgraph.replacement.model import ReplacementModel, RunResult, SpliceSpec
 from circuitgraph.tasks.dataset import TaskDataset
-from circuitgraph.tasks.metrics import gather_answer_logits, task_metric
+from circuitgraph.tasks.metrics import dataset_metric, needs_reference, with_reference
 from dictionaries.distributed import sum_across_ranks, sum_float
 from dictionaries.site import Site
 
@@ -25,8 +32,14 @@ ABLATIONS: tuple[str, ...] = ("patch", "mean", "zero")
 
 
 def metric_of(logits: torch.Tensor, ds: TaskDataset) -> torch.Tensor:
-    """``[B]`` the task metric of each prompt."""
-    return task_metric(gather_answer_logits(logits, ds.answer_pos), ds)
+    """``[B]`` the metric of each prompt from ``[B, P, vocab]`` logits (the dataset's own metric)."""
+    return dataset_metric(logits, ds)
+
+
+def run_batch(rm: ReplacementModel, b: TaskDataset, spec: SpliceSpec | None = None,
+              corrupted: bool = False) -> RunResult:
+    """One spliced run of the batch's clean (or corrupted) prompts with its attention mask."""
+    return rm.run(b.corrupted_tokens if corrupted else b.clean_tokens, spec, attention_mask=b.attention_mask)
 
 
 def batches(ds: TaskDataset, size: int) -> list[TaskDataset]:
@@ -34,10 +47,15 @@ def batches(ds: TaskDataset, size: int) -> list[TaskDataset]:
     return [ds.subset(slice(i, i + size)) for i in range(0, len(ds), size)]
 
 
-def position_mask(ds: TaskDataset, n_pos: int) -> torch.Tensor:
-    """``[n, P]`` 1 at positions 1..answer_pos of each prompt (where nodes are counted)."""
-    pos = torch.arange(n_pos)
-    return ((pos >= 1) & (pos.unsqueeze(0) <= ds.answer_pos.unsqueeze(1))).float()
+def position_mask(ds: TaskDataset, n_pos: int, causal: bool = True, include_first: bool = False) -> torch.Tensor:
+    """``[n, P]`` float, 1 where nodes are counted: real tokens after each row's first (with
+    ``include_first`` the first too), up to the answer position when ``causal``, else all of them."""
+    out = ds.real_mask()[:, :n_pos].clone()
+    if not include_first:
+        out[torch.arange(len(ds)), ds.first_pos()] = False
+    if causal:
+        out &= torch.arange(n_pos).unsqueeze(0) <= ds.answer_pos.unsqueeze(1)
+    return out.float()
 
 
 def position_offsets(ds: TaskDataset, n_pos: int) -> torch.Tensor:
@@ -54,7 +72,7 @@ class BatchRun(NamedTuple):
     corr_latents: dict[Site, torch.Tensor]
     corr_errors: dict[Site, torch.Tensor]
     mask: torch.Tensor
-    """``[B, P]`` float: 1 at positions 1..answer_pos (where nodes are counted)."""
+    """``[B, P]`` float: 1 where nodes are counted (:func:`position_mask`)."""
     offset: torch.Tensor
     """``[B, P]`` int64: positions counted back from the answer position (clamped at 0)."""
     metric_clean: torch.Tensor
@@ -72,19 +90,35 @@ class DatasetRuns:
         if batch_size < 1:
             raise CircuitGraphError(f"batch size must be at least 1, got {batch_size}")
         self.rm, self.ds, self.batch_size = rm, ds, batch_size
+        self.causal = is_causal(rm.model)
+        """Causal attention: positions after the answer cannot influence it and are not counted."""
         self.batches: list[BatchRun] = []
         with torch.no_grad():
             for b in batches(ds, batch_size):
-                clean, corr = rm.run(b.clean_tokens), rm.run(b.corrupted_tokens)
+                clean = run_batch(rm, b)
+                if needs_reference(b):
+                    b = with_reference(b, clean.logits)
+                corr = run_batch(rm, b, corrupted=True)
                 n_pos = b.clean_tokens.shape[1]
                 self.batches.append(BatchRun(
                     b, {s: r.latents for s, r in clean.sites.items()}, {s: r.errors for s, r in clean.sites.items()},
                     {s: r.latents for s, r in corr.sites.items()}, {s: r.errors for s, r in corr.sites.items()},
-                    position_mask(b, n_pos), position_offsets(b, n_pos),
+                    position_mask(b, n_pos, self.causal), position_offsets(b, n_pos),
                     metric_of(clean.logits, b), metric_of(corr.logits, b)))
         self.n_prompts = sum_float(float(len(ds)))
         """Prompts over every rank (under torchrun each rank holds its shard)."""
         self._means: tuple[dict, dict] | None = None
+
+    def check_from_end(self) -> None:
+        """A clear error when a counted position lies after its answer position (bidirectional
+        attention): offsets counted back from the answer cannot name it."""
+        for b in self.batches:
+            after = b.mask.bool() & (torch.arange(b.mask.shape[1]) > b.ds.answer_pos.unsqueeze(1))
+            if bool(after.any()):
+                raise CircuitGraphError(
+                    "positions 'from_end' count back from the answer position, but with bidirectional attention "
+                    "the tokens after it influence the answer too and would have no offset; use positions "
+                    "'aggregate' (--positions aggregate), or end every prompt at its last target")
 
     @property
     def n_positions(self) -> int:

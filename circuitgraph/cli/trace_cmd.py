@@ -25,8 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="all", help="layers to splice: all, 0,2 or 1-3")
     p.add_argument("--task", default="ioi", help="task whose prompt dataset is traced")
     p.add_argument("--dataset", default=None, metavar="FILE",
-                   help="trace your own prompts instead of --task: a .jsonl / .json / .csv file with prompt, answer, "
-                        "optional wrong and corrupted_prompt per row (README: 'Your own prompts')")
+                   help="trace your own prompts instead of --task: a .jsonl / .json / .csv file with prompt (or "
+                        "prompt_ids), answer (or answer_ids, or targets at several positions), optional wrong and "
+                        "corrupted_prompt per row (docs/datasets.md)")
+    p.add_argument("--metric", default=None, choices=["logit_diff", "logprob", "prob_diff", "kl"],
+                   help="what dataset circuits explain (default: the task's own; logit_diff for --dataset): answer "
+                        "minus wrong logit, log-probability of the answers, probability difference, or KL divergence "
+                        "from the clean output distribution. --prompt: logit_diff only (with --answer/--contrast)")
+    p.add_argument("--padding-side", default="right", choices=["right", "left"],
+                   help="where prompts of different lengths are padded (masked either way; results agree)")
     p.add_argument("--n", type=int, default=64, help="number of prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=None, help="trace this one prompt with direct linear attribution instead of a dataset")
@@ -170,6 +177,12 @@ def run_trace(args: argparse.Namespace) -> int:
     if args.prompt is None and (args.answer is not None or args.contrast is not None):
         raise CircuitGraphError("--answer / --contrast choose what a --prompt graph explains; a --task dataset uses "
                                 "its own answers")
+    if args.prompt is not None and args.metric not in (None, "logit_diff"):
+        raise CircuitGraphError(f"--metric {args.metric} is not linear in the logits, and a --prompt graph's edges are "
+                                "exact only for a linear target; use --answer/--contrast (a logit difference) or "
+                                f"trace a --dataset with --metric {args.metric}")
+    if args.prompt is not None and args.metric == "logit_diff" and (args.answer is None or args.contrast is None):
+        raise CircuitGraphError("--prompt with --metric logit_diff needs --answer and --contrast (the two tokens)")
     acdc = _acdc_config(args)
     model, rm = _load(args)
     if args.prompt is not None:
@@ -184,7 +197,7 @@ def run_trace(args: argparse.Namespace) -> int:
                                              ig_steps=args.ig_steps, batch_size=args.batch_size)
             except ValueError as err:
                 raise CircuitGraphError(f"{err}; check --max-edges / --ig-steps / --batch-size") from err
-            graph, meta = trace_components(model, ds, cfg, eval_ds)
+            graph, meta = trace_components(model, ds, cfg, eval_ds, metric=args.metric)
             summary = dict(meta)
         else:
             from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
@@ -198,7 +211,7 @@ def run_trace(args: argparse.Namespace) -> int:
                                     positions=args.positions, acdc=acdc)
             except ValueError as err:
                 raise CircuitGraphError(f"{err}; check --method / --max-nodes / --target-faithfulness") from err
-            graph = trace_dataset(rm, ds, cfg, eval_ds).graph
+            graph = trace_dataset(rm, ds, cfg, eval_ds, metric=args.metric).graph
             meta = graph.metadata
             if not distributed.is_main():
                 return 0
@@ -234,9 +247,11 @@ def _datasets(args: argparse.Namespace, model):
     if args.dataset is None:
         args.ablation = args.ablation or "patch"
         eval_n = 64 if args.eval_n is None else args.eval_n
-        ds = make_dataset(args.task, model, n=args.n, seed=args.seed)
-        return ds, make_disjoint_dataset(args.task, model, eval_n, ds, args.eval_seed) if eval_n else None
-    ds, has_corrupted = dataset_from_file(args.dataset, model)
+        ds = make_dataset(args.task, model, n=args.n, seed=args.seed, padding_side=args.padding_side)
+        if not eval_n:
+            return ds, None
+        return ds, make_disjoint_dataset(args.task, model, eval_n, ds, args.eval_seed, padding_side=args.padding_side)
+    ds, has_corrupted = dataset_from_file(args.dataset, model, padding_side=args.padding_side)
     if args.ablation is None:
         args.ablation = "patch" if has_corrupted else "mean"
         if not has_corrupted:

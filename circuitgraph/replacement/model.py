@@ -1,7 +1,8 @@
 """The replacement model: a HookedTransformer with dictionaries spliced in at their sites.
 
-At every spliced site and every position but the first (BOS, where dictionaries are not trained;
-its activation is kept and attributed to the BOS token through the model's own computation):
+At every spliced site and every position but each row's first real token (BOS, where dictionaries
+are not trained; its activation is kept and attributed to the BOS token through the model's own
+computation) and its padding (with an attention mask: :mod:`circuitgraph.replacement.masking`):
 
     latents = encode(site input)                   # [B, P, d_dict]  (or given values: leaves, patches)
     error   = true output - reconstruction          # [B, P, d_out]   (or given values)
@@ -27,6 +28,7 @@ from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.frozen import FrozenState, freeze_hooks, record_frozen_hooks
+from circuitgraph.replacement.masking import model_mask, padding_hooks, unspliced_positions
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.cross_layer import layer_slice
 from dictionaries.persistence import check_against_model
@@ -120,7 +122,8 @@ class ReplacementModel:
         """Spliced sites in forward order."""
         return list(self.dicts)
 
-    def _site_hooks(self, site: Site, spec: SpliceSpec, out: dict[Site, SiteRecord]) -> list[tuple[str, Callable]]:
+    def _site_hooks(self, site: Site, spec: SpliceSpec, out: dict[Site, SiteRecord],
+                    mask: torch.Tensor | None) -> list[tuple[str, Callable]]:
         d = self.dicts[site]
         saved: dict[str, torch.Tensor] = {}
 
@@ -153,7 +156,8 @@ class ReplacementModel:
             new = decoded + skip + errors
             if site in spec.offsets:
                 new = new + spec.offsets[site]
-            new = torch.cat([act[:, :1].reshape(b, 1, -1), new[:, 1:]], dim=1)
+            keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
+            new = torch.where(keep, act.reshape(b, p, -1), new)
             return new.reshape(act.shape).to(act.dtype)
 
         hooks: list[tuple[str, Callable]] = []
@@ -162,7 +166,8 @@ class ReplacementModel:
         hooks.append((site.output_hook, replace))
         return hooks
 
-    def _clt_hooks(self, spec: SpliceSpec, out: dict[Site, SiteRecord]) -> list[tuple[str, Callable]]:
+    def _clt_hooks(self, spec: SpliceSpec, out: dict[Site, SiteRecord],
+                   mask: torch.Tensor | None) -> list[tuple[str, Callable]]:
         """Hooks of the cross-layer transcoder sites: each source encodes its ``hook_resid_mid`` and
         adds its writes to every later layer; ``hook_mlp_out`` of layer j takes the sum of the writes
         into j plus its own error term (computed from the unedited writes, as for other sites).
@@ -215,7 +220,8 @@ class ReplacementModel:
                 out[site] = SiteRecord(latents, errors, inputs, active)
                 if not touched:
                     return act  # the writes plus their error are the activation: return it bit-exactly
-                new = torch.cat([act[:, :1].reshape(b, 1, -1), (used + errors)[:, 1:]], dim=1)
+                keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
+                new = torch.where(keep, act.reshape(b, p, -1), used + errors)
                 return new.reshape(act.shape).to(act.dtype)
 
             return hook
@@ -223,11 +229,14 @@ class ReplacementModel:
         return [(s.input_hook, read(s)) for s in sites] + [(s.output_hook, write(s)) for s in sites]
 
     @contextmanager
-    def spliced(self, spec: SpliceSpec | None = None, record_frozen: FrozenState | None = None) -> Iterator[dict[Site, SiteRecord]]:
-        """Context in which ``self.model``'s forward passes run spliced; yields the per-site record."""
+    def spliced(self, spec: SpliceSpec | None = None, record_frozen: FrozenState | None = None,
+                mask: torch.Tensor | None = None) -> Iterator[dict[Site, SiteRecord]]:
+        """Context in which ``self.model``'s forward passes run spliced; yields the per-site record.
+        ``mask``: the padded batch's attention mask (from :func:`~circuitgraph.replacement.masking.model_mask`;
+        the forward pass must be given the same mask)."""
         spec = spec or SpliceSpec()
         out: dict[Site, SiteRecord] = {}
-        hooks: list[tuple[str, Callable]] = []
+        hooks: list[tuple[str, Callable]] = padding_hooks(self.model, mask)
         if spec.embed is not None:
             embed = spec.embed
             hooks.append((ModelHooks.embed, lambda act, hook: embed.to(act.dtype)))
@@ -237,18 +246,21 @@ class ReplacementModel:
             hooks.extend(record_frozen_hooks(self.model, record_frozen))
         for site in self.dicts:
             if not site.is_cross_layer:
-                hooks.extend(self._site_hooks(site, spec, out))
-        hooks.extend(self._clt_hooks(spec, out))
+                hooks.extend(self._site_hooks(site, spec, out, mask))
+        hooks.extend(self._clt_hooks(spec, out, mask))
         with self.model.hooks(fwd_hooks=hooks):
             yield out
 
-    def run(self, tokens: torch.Tensor, spec: SpliceSpec | None = None, record_frozen: bool = False) -> RunResult:
-        """One spliced forward pass of ``tokens`` ``[B, P]``."""
+    def run(self, tokens: torch.Tensor, spec: SpliceSpec | None = None, record_frozen: bool = False,
+            attention_mask: torch.Tensor | None = None) -> RunResult:
+        """One spliced forward pass of ``tokens`` ``[B, P]``; ``attention_mask`` ``[B, P]`` (1 on real
+        tokens) for a padded batch: every prompt then runs as it would alone."""
         self.check_tokens(tokens)
+        mask = model_mask(tokens, attention_mask)
         frozen = FrozenState({}, {}, {}) if record_frozen else None
         self.forward_passes += 1
-        with self.spliced(spec, frozen) as record:
-            logits = self.model(tokens)
+        with self.spliced(spec, frozen, mask) as record:
+            logits = self.model(tokens, attention_mask=mask)
         return RunResult(logits, dict(record), frozen)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:

@@ -1,17 +1,23 @@
-"""Prompt datasets from the user's own files: ``.jsonl``, ``.json`` or ``.csv``.
+"""Prompt datasets from the user's own rows: ``.jsonl``, ``.json`` or ``.csv`` files, or dicts in Python.
 
-Each row has ``prompt`` (text up to the predicted token), ``answer`` (one token, or a list of
-tokens; in CSV several separated by ``|``), optionally ``wrong`` (the same form: tokens the metric
-contrasts with) and ``corrupted_prompt`` (a prompt of the same token length whose answer differs,
-for patch ablation). The metric is the mean answer logit minus the mean wrong logit (the answer
-logit alone where a row has no ``wrong``). Without corrupted prompts nothing can be patched, so
-circuits use mean ablation. Every error names the file and the row (counted from 1).
+A row gives its prompt as text (``prompt``) or as token ids (``prompt_ids``, used exactly as given:
+include the BOS id yourself if the model expects one), and what to explain: ``answer`` (one token,
+or a list of alternatives; in CSV separated by ``|``) or ``answer_ids``, optionally ``wrong`` /
+``wrong_ids`` (tokens the metric contrasts with), read at the prompt's last token; or ``targets``,
+a list of ``{"position": p, "answer": ..., "wrong": ...}`` (ids allowed as above) for answers at
+several positions (``p`` indexes the prompt's tokens, BOS included, negative from the end; the
+answer is the token predicted after position ``p``). ``corrupted_prompt`` /
+``corrupted_prompt_ids`` (same token length) enables patch ablation; without them circuits use mean
+ablation. In CSV, list cells are JSON (``[3, 7]``) or ids separated by spaces, commas or ``|``, and
+``targets`` is a JSON list. Every error names the source and the row (counted from 1).
+docs/datasets.md documents the fields with examples.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,19 +25,36 @@ import torch
 from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import TaskError
-from circuitgraph.tasks.dataset import TaskDataset, build_dataset
-from circuitgraph.toylang.templates import TaskInstance
+from circuitgraph.tasks.dataset import (
+    Metric,
+    PaddingSide,
+    RowTarget,
+    TaskDataset,
+    TokenRow,
+    build_from_rows,
+    check_in_vocabulary,
+    single_token_id,
+)
 
-FIELDS = ("prompt", "answer", "wrong", "corrupted_prompt")
+FIELDS = ("prompt", "prompt_ids", "answer", "answer_ids", "wrong", "wrong_ids", "corrupted_prompt",
+          "corrupted_prompt_ids", "targets")
+TARGET_FIELDS = ("position", "answer", "answer_ids", "wrong", "wrong_ids")
 
 
-class PromptFile(NamedTuple):
-    """What :func:`read_prompt_file` returns."""
+class FileDataset(NamedTuple):
+    """What :func:`dataset_from_file` and :func:`dataset_from_rows` return."""
 
-    instances: list[TaskInstance]
-    """One per row; ``corrupted_prompt`` is the prompt itself when the file has none."""
+    dataset: TaskDataset
     has_corrupted: bool
     """Whether the rows carry corrupted prompts (patch ablation possible)."""
+
+
+class TokenRows(NamedTuple):
+    """What :func:`token_rows` returns."""
+
+    rows: list[TokenRow]
+    """One per row; the corrupted prompt is the prompt itself when the rows have none."""
+    has_corrupted: bool
 
 
 def _rows(path: Path) -> list[dict]:
@@ -48,75 +71,158 @@ def _rows(path: Path) -> list[dict]:
             data = json.loads(text)
             return data["rows"] if isinstance(data, dict) and "rows" in data else data
         if suffix == ".csv":
-            return list(csv.DictReader(text.splitlines()))
+            return [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(text.splitlines())]
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); one JSON object per line for "
                         ".jsonl, a list of objects for .json") from err
     raise TaskError(f"{path}: unknown prompt file type {suffix!r}; use .jsonl, .json or .csv")
 
 
-def _tokens(value, path: Path, row: int, field: str, required: bool) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        if required:
-            raise TaskError(f"{path} row {row}: no {field!r}; every row needs the token(s) to explain")
-        return ()
+def _empty(value) -> bool:
+    return value is None or value == "" or value == []
+
+
+def _texts(value, where: str, field: str) -> tuple[str, ...]:
     if isinstance(value, str):
-        return tuple(v for v in value.split("|")) if "|" in value else (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value.split("|")) if "|" in value else (value,)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise TaskError(f"{path} row {row}: {field!r} must be a string or a list of strings, got {value!r}")
+    raise TaskError(f"{where}: {field!r} must be a string or a list of strings, got {value!r}")
 
 
-def read_prompt_file(path: str | Path) -> PromptFile:
-    """The rows of ``path`` as task instances (see the module docstring for the fields)."""
-    path = Path(path)
-    return instances_from_rows(_rows(path), path)
+def _ids(value, where: str, field: str) -> tuple[int, ...]:
+    """Token ids: an int, a list of ints, or (CSV) a JSON list / ids separated by spaces, commas or ``|``."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(v) for v in re.split(r"[\s,|]+", text) if v]
+        except (ValueError, json.JSONDecodeError) as err:
+            raise TaskError(f"{where}: {field!r} must hold integer token ids, got {text!r}") from err
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise TaskError(f"{where}: {field!r} must be a token id or a list of token ids (integers), got {value!r}")
 
 
-def instances_from_rows(rows: list[dict], path: str | Path = "records") -> PromptFile:
-    """Rows (dicts with the fields of the module docstring) as task instances; ``path`` names the
-    source in errors (a file, or ``records`` for rows given in Python)."""
-    if not isinstance(rows, list) or not rows:
-        raise TaskError(f"{path} holds no rows; give one object per prompt with 'prompt' and 'answer'")
+def _token_set(spec: dict, name: str, where: str, model: HookedTransformer, required: bool) -> tuple[int, ...]:
+    """The ids of ``name`` (text, one token each) or ``name_ids``; at most one of the two."""
+    text, ids = spec.get(name), spec.get(f"{name}_ids")
+    if not _empty(text) and not _empty(ids):
+        raise TaskError(f"{where}: give {name!r} (text) or {name + '_ids'!r} (token ids), not both")
+    if not _empty(ids):
+        return _ids(ids, where, f"{name}_ids")
+    if _empty(text):
+        if required:
+            raise TaskError(f"{where}: no {name!r}; every row needs the token(s) to explain ({name!r} or "
+                            f"{name + '_ids'!r})")
+        return ()
+    if model.tokenizer is None:
+        raise TaskError(f"{where}: {name!r} is text, but this model has no tokenizer; give {name + '_ids'!r} "
+                        "(token ids) instead")
+    out = []
+    for t in _texts(text, where, name):
+        try:
+            out.append(single_token_id(model, t))
+        except TaskError as err:
+            raise TaskError(f"{where}: {err}") from err
+    return tuple(out)
+
+
+def _prompt(row: dict, name: str, where: str, model: HookedTransformer) -> tuple[str, list[int]] | None:
+    """``(text, ids)`` of ``name`` (text, tokenised with the model's BOS) or ``name_ids`` (as given)."""
+    text, ids = row.get(name), row.get(f"{name}_ids")
+    if not _empty(text) and not _empty(ids):
+        raise TaskError(f"{where}: give {name!r} (text) or {name + '_ids'!r} (token ids), not both")
+    if not _empty(ids):
+        tokens = list(_ids(ids, where, f"{name}_ids"))
+        shown = model.tokenizer.decode(tokens) if model.tokenizer is not None else " ".join(map(str, tokens))
+        return f"ids: {shown}", tokens
+    if text is None:
+        return None
+    if not isinstance(text, str) or not text.strip():
+        raise TaskError(f"{where}: {name!r} must be non-empty text")
+    if model.tokenizer is None:
+        raise TaskError(f"{where}: {name!r} is text, but this model has no tokenizer; give {name + '_ids'!r} "
+                        "(token ids) instead")
+    tokens = model.to_tokens(text, truncate=False)[0].tolist()
+    check_in_vocabulary(model, text, f"{where}: {name!r}", tokens)
+    return text, tokens
+
+
+def _targets(row: dict, where: str, model: HookedTransformer) -> list[RowTarget]:
+    if "targets" not in row:
+        return [RowTarget(-1, _token_set(row, "answer", where, model, True),
+                          _token_set(row, "wrong", where, model, False))]
+    both = [f for f in ("answer", "answer_ids", "wrong", "wrong_ids") if f in row]
+    if both:
+        raise TaskError(f"{where}: give 'targets' or {both[0]!r}, not both; put each answer in its target")
+    spec = row["targets"]
+    if isinstance(spec, str):  # a CSV cell
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{where}: 'targets' is not valid JSON ({err.msg})") from err
+    if not isinstance(spec, list) or not spec or not all(isinstance(t, dict) for t in spec):
+        raise TaskError(f"{where}: 'targets' must be a non-empty list of objects like "
+                        '{"position": 5, "answer": " x", "wrong": " y"}')
+    out = []
+    for k, t in enumerate(spec, 1):
+        at = f"{where} target {k}"
+        unknown = sorted(set(t) - set(TARGET_FIELDS))
+        if unknown:
+            raise TaskError(f"{at}: unknown field(s) {unknown}; a target has {', '.join(TARGET_FIELDS)}")
+        pos = t.get("position")
+        if isinstance(pos, bool) or not isinstance(pos, int):
+            raise TaskError(f"{at}: 'position' must be an integer token index (0 is the first token, -1 the last), "
+                            f"got {pos!r}")
+        out.append(RowTarget(pos, _token_set(t, "answer", at, model, True), _token_set(t, "wrong", at, model, False)))
+    return out
+
+
+def token_rows(records: list[dict], source: str | Path, model: HookedTransformer) -> TokenRows:
+    """Rows (dicts with the fields of the module docstring) tokenised for ``model``; ``source``
+    names them in errors (a file, or ``records`` for rows given in Python)."""
+    if not isinstance(records, list) or not records:
+        raise TaskError(f"{source} holds no rows; give one object per prompt with 'prompt' and 'answer'")
     out, corrupted = [], []
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(records, 1):
+        where = f"{source} row {i}"
         if not isinstance(row, dict):
-            raise TaskError(f"{path} row {i}: expected an object with 'prompt' and 'answer', got {row!r}")
+            raise TaskError(f"{where}: expected an object with 'prompt' and 'answer', got {row!r}")
         unknown = sorted(set(row) - set(FIELDS))
         if unknown:
-            raise TaskError(f"{path} row {i}: unknown field(s) {unknown}; the fields are {', '.join(FIELDS)}")
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise TaskError(f"{path} row {i}: 'prompt' must be non-empty text")
-        answers = _tokens(row.get("answer"), path, i, "answer", True)
-        wrongs = _tokens(row.get("wrong"), path, i, "wrong", False)
-        corrupt = row.get("corrupted_prompt") or None
+            raise TaskError(f"{where}: unknown field(s) {unknown}; the fields are {', '.join(FIELDS)}")
+        prompt = _prompt(row, "prompt", where, model)
+        if prompt is None:
+            raise TaskError(f"{where}: no 'prompt'; give the prompt as text ('prompt') or token ids ('prompt_ids')")
+        corrupt = _prompt(row, "corrupted_prompt", where, model)
         corrupted.append(corrupt is not None)
-        out.append(TaskInstance(prompt, answers, wrongs, corrupt or prompt, answers[0]))
+        corrupt = corrupt or prompt
+        out.append(TokenRow(where, prompt[0], corrupt[0], prompt[1], corrupt[1], _targets(row, where, model)))
     if any(corrupted) and not all(corrupted):
         missing = [i for i, c in enumerate(corrupted, 1) if not c][:5]
-        raise TaskError(f"{path}: rows {missing} have no 'corrupted_prompt' but others do; give it for every row "
+        raise TaskError(f"{source}: rows {missing} have no 'corrupted_prompt' but others do; give it for every row "
                         "or for none (then circuits use mean ablation)")
-    return PromptFile(out, all(corrupted))
+    return TokenRows(out, all(corrupted))
 
 
-def dataset_from_file(path: str | Path, model: HookedTransformer) -> tuple[TaskDataset, bool]:
-    """The file as a :class:`TaskDataset` (metric: logit difference) and whether it has corrupted prompts."""
-    return _build(read_prompt_file(path), model, Path(path).stem, path)
+def dataset_from_rows(rows: list[dict], model: HookedTransformer, name: str = "records", metric: Metric = "logit_diff",
+                      padding_side: PaddingSide = "right") -> FileDataset:
+    """Rows given in Python (dicts with the file fields) as a :class:`TaskDataset` (``metric``: a
+    name or a callable, see :mod:`circuitgraph.tasks.metrics`) and whether they have corrupted
+    prompts; errors name the row (counted from 1)."""
+    read = token_rows(rows, name, model)
+    return FileDataset(build_from_rows(name, read.rows, model, metric, padding_side), read.has_corrupted)
 
 
-def dataset_from_rows(rows: list[dict], model: HookedTransformer, name: str = "records") -> tuple[TaskDataset, bool]:
-    """Rows given in Python (dicts with the file fields) as a :class:`TaskDataset` and whether they
-    have corrupted prompts; errors name the row (counted from 1)."""
-    return _build(instances_from_rows(rows, name), model, name, name)
-
-
-def _build(pf: PromptFile, model: HookedTransformer, name: str, source: str | Path) -> tuple[TaskDataset, bool]:
-    try:
-        ds = build_dataset(name, pf.instances, model, "logit_diff")
-    except TaskError as err:  # build_dataset counts prompts from 0; rows count from 1
-        raise TaskError(f"{source}: {err} (prompt i is row i + 1)") from err
-    return ds, pf.has_corrupted
+def dataset_from_file(path: str | Path, model: HookedTransformer, metric: Metric = "logit_diff",
+                      padding_side: PaddingSide = "right") -> FileDataset:
+    """The rows of a ``.jsonl`` / ``.json`` / ``.csv`` file as a :class:`TaskDataset` and whether
+    they have corrupted prompts."""
+    path = Path(path)
+    read = token_rows(_rows(path), path, model)
+    return FileDataset(build_from_rows(path.stem, read.rows, model, metric, padding_side), read.has_corrupted)
 
 
 def split_held_out(ds: TaskDataset, n_eval: int, seed: int) -> tuple[TaskDataset, TaskDataset | None]:

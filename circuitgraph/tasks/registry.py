@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import TaskError
 from circuitgraph.tasks import metrics as M
-from circuitgraph.tasks.dataset import MetricKind, TaskDataset, build_dataset
+from circuitgraph.tasks.dataset import MetricKind, PaddingSide, TaskDataset, build_dataset
 from circuitgraph.tasks.stories import story_names
 from circuitgraph.toylang import templates as tp
 
@@ -95,9 +95,10 @@ def get_task(name: str) -> Task:
 
 
 def make_dataset(
-    name: str, model: HookedTransformer, n: int = 200, split: Split = "heldout", seed: int = 0
+    name: str, model: HookedTransformer, n: int = 200, split: Split = "heldout", seed: int = 0,
+    padding_side: PaddingSide = "right",
 ) -> TaskDataset:
-    """``n`` prompts of task ``name`` for ``model``, deterministic in ``seed``."""
+    """``n`` prompts of task ``name`` for ``model``, deterministic in ``seed`` (padded on ``padding_side``)."""
     task = get_task(name)
     if n <= 0:
         raise TaskError(f"n={n}: the dataset would be empty; ask for at least one prompt (--n 1 or more)")
@@ -105,11 +106,11 @@ def make_dataset(
         raise TaskError(f"unknown split {split!r}; use 'heldout' or 'train'")
     pools = tp.HELDOUT_POOLS if split == "heldout" else tp.TRAIN_POOLS
     rng = random.Random(f"{name}:{split}:{seed}")
-    return build_dataset(name, [task.generate(rng, pools) for _ in range(n)], model, task.metric_kind)
+    return build_dataset(name, [task.generate(rng, pools) for _ in range(n)], model, task.metric_kind, padding_side)
 
 
 def make_disjoint_dataset(name: str, model: HookedTransformer, n: int, exclude: TaskDataset, seed: int = 1,
-                          split: Split = "heldout") -> TaskDataset:
+                          split: Split = "heldout", padding_side: PaddingSide = "right") -> TaskDataset:
     """``n`` prompts of task ``name`` none of which (clean prompt text) is in ``exclude``: the
     held-out evaluation set of a circuit selected on ``exclude``. Deterministic in ``seed``."""
     task = get_task(name)
@@ -125,6 +126,6 @@ def make_disjoint_dataset(name: str, model: HookedTransformer, n: int, exclude: 
             seen.add(inst.prompt)
             picked.append(inst)
             if len(picked) == n:
-                return build_dataset(name, picked, model, task.metric_kind)
+                return build_dataset(name, picked, model, task.metric_kind, padding_side)
     raise TaskError(f"task {name!r} has only {len(picked)} prompts outside the {len(exclude)} selection prompts; "
                     f"ask for fewer evaluation prompts (--eval-n {len(picked)} or less)")

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from circuitgraph.cli.main import main
 from circuitgraph.errors import ModelLoadError
-from circuitgraph.models import load_model, resolve_model
+from circuitgraph.models import load_model, resolve_model, save_model
 from circuitgraph.models.hf_folder import SUPPORTED_ARCHITECTURES
 
 TEXT = [
@@ -95,13 +95,15 @@ def _hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
 def test_every_supported_architecture_reproduces_transformers_logits(arch, tmp_path) -> None:
+    """Converted logits equal transformers'; saving in our own format and loading back changes nothing."""
     hf_model = write_folder(tmp_path / arch, arch, vocab=300)
     model = resolve_model(str(tmp_path / arch))
     assert model.cfg.original_architecture == arch and model.cfg.d_vocab == 300 and model.tokenizer is None
     tokens = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(tokens)
-    assert (ours - _hf_logits(hf_model, tokens)).abs().max().item() < 1e-4
+        assert (ours - _hf_logits(hf_model, tokens)).abs().max().item() < 1e-4
+        assert torch.equal(load_model(save_model(model, tmp_path / "saved"))(tokens), ours)  # our format keeps it
 
 
 def test_gpt2_folder_text_and_logits(gpt2_folder) -> None:

@@ -28,7 +28,9 @@ ARCH_KEYS: tuple[str, ...] = (
     "act_fn", "normalization_type", "positional_embedding_type", "n_key_value_heads", "gated_mlp",
     "final_rms", "eps", "rotary_dim", "rotary_base", "rotary_adjacent_pairs", "attn_only",
     "original_architecture", "default_prepend_bos", "model_name", "use_attn_scale",
-    "parallel_attn_mlp",
+    "parallel_attn_mlp", "use_local_attn", "window_size", "attn_types", "use_qk_norm",
+    "scale_attn_by_inverse_layer_idx", "use_NTK_by_parts_rope", "NTK_by_parts_low_freq_factor",
+    "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor", "NTK_original_ctx_len",
 )
 
 
@@ -99,10 +101,11 @@ def load_model(folder: str | Path, device: str = "cpu") -> HookedTransformer:
         k for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     absent = [k for k in expected if k not in state and not k.endswith(("IGNORE", "mask"))]
-    if mismatched or absent:
+    unused = [k for k in state if k not in expected]  # e.g. q/k norms of a config that lost use_qk_norm
+    if mismatched or absent or unused:
         raise ModelLoadError(
             f"{w_path} does not match {cfg_path}: shape mismatch in {mismatched[:5]}, "
-            f"missing {absent[:5]}; the two files come from different models"
+            f"missing {absent[:5]}, not used by the config {unused[:5]}; the two files come from different models"
         )
     model.load_state_dict(state, strict=False)
     if str(device) != "cpu":

@@ -79,3 +79,35 @@ def optimizer_from_flat(
     for idx, values in extra.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+
+
+def save_training_state(path: str | Path, modules: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer],
+                        run: dict[str, Any], step: int) -> None:
+    """Checkpoint a multi-dictionary run: every module's state and optimizer under its name, with
+    ``run`` (the settings a resume must match) and ``step`` in the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    optim_meta = {}
+    for name, module in modules.items():
+        tensors.update({f"{name}/dict.{k}": v for k, v in module.state_dict().items()})
+        flat, extra = optimizer_to_flat(opts[name], prefix=f"{name}/optim.")
+        tensors.update(flat)
+        optim_meta[name] = extra
+    save_checkpoint(path, tensors, {"step": step, **run, "optim": optim_meta})
+
+
+def restore_training_state(path: str | Path, modules: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer],
+                           run: dict[str, Any]) -> int:
+    """Load a checkpoint of :func:`save_training_state` into ``modules`` and ``opts``; returns its step.
+
+    Raises:
+        ValueError: the file is corrupt, or was written by a run whose ``run`` settings differ.
+    """
+    ck = load_checkpoint(path)
+    if any(ck.meta.get(key, "") != value for key, value in run.items()):
+        raise ValueError(f"{path} was written by a run with other settings or sites; delete it or rerun "
+                         "with the same flags and data")
+    for name, module in modules.items():
+        prefix = f"{name}/dict."
+        module.load_state_dict({k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
+        optimizer_from_flat(opts[name], ck.tensors, ck.meta["optim"][name], prefix=f"{name}/optim.")
+    return int(ck.meta["step"])

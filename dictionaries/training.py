@@ -4,7 +4,9 @@ Every step takes one batch of activations for every hook (one model forward per 
 all layers and site kinds) and updates each dictionary with its own Adam optimizer. Learning
 rate: linear warm-up, constant, then linear decay to zero over the last ``decay_frac`` of steps.
 Checkpoints are atomic and resumable: a resumed run ends with exactly the weights of an
-uninterrupted one (same seed, same data order).
+uninterrupted one (same seed, same data order). The loop itself (:func:`run_training`) takes any
+batch source: the model's activation store here, or a user's activation file
+(:mod:`dictionaries.activation_file`, ``train-dictionaries --activations``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -24,9 +26,9 @@ from transformer_lens import HookedTransformer
 
 from dictionaries import distributed
 from dictionaries.activations import ActivationStore, StoreConfig
-from dictionaries.architectures.base import LossTerms, SparseDictionary
+from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
-from dictionaries.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from dictionaries.checkpoint import restore_training_state, save_training_state
 from dictionaries.config import Architecture, DictionaryConfig
 from dictionaries.cross_layer import CLT_ARCHS, check_clt_sites, clt_losses, clt_sites, initialise_clt
 from dictionaries.determinism import deterministic
@@ -34,8 +36,8 @@ from dictionaries.e2e import e2e_kl, frozen_weights
 from dictionaries.errors import DictionaryError
 from dictionaries.interactions import InteractionPenalty, parse_pairs
 from dictionaries.persistence import save_dictionaries
-from dictionaries.resampling import resample_dead
 from dictionaries.site import Site
+from dictionaries.stepper import DictionaryStepper
 from dictionaries.token_sources import TokenSource
 
 log = logging.getLogger(__name__)
@@ -159,68 +161,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-class StepStats(NamedTuple):
-    """Numbers from one optimizer step of one dictionary."""
-
-    loss: float
-    l0: float
-    """Mean active latents per token in the batch."""
-    fvu: float
-    """Batch fraction of variance unexplained."""
-
-
-class DictionaryStepper:
-    """One dictionary, its Adam optimizer and the per-step routine (loss, decoder constraint,
-    dead-latent bookkeeping, optional resampling). Usable on raw activations without a model."""
-
-    def __init__(self, d: SparseDictionary, lr: float, resample_every: int = 0, ckpt: Path | None = None,
-                 grad_clip: float = 0.0) -> None:
-        self.d, self.resample_every, self.ckpt, self.grad_clip = d, resample_every, ckpt, grad_clip
-        self.opt = torch.optim.Adam(d.parameters(), lr=lr)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float = 1.0, step: int = 0) -> StepStats:
-        """One optimizer step on its own (loss, backward, update)."""
-        terms = self.losses(x, y, sparsity_scale, step)
-        terms.total.backward()
-        return self.update(terms, x, y, lr, step)
-
-    def losses(self, x: torch.Tensor, y: torch.Tensor, sparsity_scale: float = 1.0, step: int = 0) -> LossTerms:
-        """The loss terms of a batch (checked finite); the caller runs ``backward`` then :meth:`update`."""
-        return self.check_finite(self.d.training_loss(x, y, sparsity_scale=sparsity_scale), step)
-
-    def check_finite(self, terms: LossTerms, step: int) -> LossTerms:
-        """``terms``, or a clear error naming the dictionary, the step and the intact checkpoint."""
-        if not torch.isfinite(terms.total):
-            raise DictionaryError(
-                f"loss of dictionary {self.d.cfg.site or self.d.cfg.arch} became {terms.total.item()} at step {step}; "
-                f"lower the learning rate. The last good checkpoint {self.ckpt} is intact"
-            )
-        return terms
-
-    def update(self, terms: LossTerms, x: torch.Tensor, y: torch.Tensor, lr: float, step: int = 0) -> StepStats:
-        """Apply the gradients already accumulated: optimizer step, decoder constraint, dead-latent
-        bookkeeping, optional resampling."""
-        d = self.d
-        distributed.average_gradients(d)
-        d.remove_parallel_gradient()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(d.parameters(), self.grad_clip)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        d.constrain_decoder()
-        d.update_firing(distributed.any_across_ranks(terms.fired), x.shape[0] * distributed.world()[1])
-        if (self.resample_every and (step + 1) % self.resample_every == 0 and d.cfg.arch in ("relu", "gated")
-                and d.cfg.out_layers == 1):
-            resample_dead(d, self.opt, x, y)
-        with torch.no_grad():
-            y_s = y * d.norm_out
-            var = (y_s - y_s.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
-            return StepStats(terms.total.item(), terms.l0.item(),
-                             (terms.mse / var).item())
-
-
 class TrainResult(NamedTuple):
     """What :func:`train_dictionaries` returns."""
 
@@ -246,7 +186,7 @@ def _check_finite(batch: dict[str, torch.Tensor], sites: Sequence[Site], step: i
             if not torch.isfinite(batch[hook]).all():
                 raise DictionaryError(
                     f"NaN or inf in activations of site {site.id} ({hook}) at step {step}; training stopped. "
-                    f"The last good checkpoint {ckpt} is intact; check the model and the token data"
+                    f"The last good checkpoint {ckpt} is intact; check the model and the token data (or activation file)"
                 )
 
 
@@ -273,8 +213,7 @@ def train_dictionaries(
         raise DictionaryError(str(err)) from err
     if any(s.is_cross_layer for s in sites) and cfg.arch not in CLT_ARCHS:
         raise DictionaryError(f"cross-layer transcoders train with --arch {', '.join(CLT_ARCHS)}, not {cfg.arch}")
-    out_dir = Path(out_dir)
-    ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
+    ckpt_path = Path(checkpoint) if checkpoint else Path(out_dir) / "train_checkpoint.safetensors"
     penalty = _interaction_penalty(model, sites, cfg)
     hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
     store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed,
@@ -284,20 +223,42 @@ def train_dictionaries(
         d_in, d_out = site.widths(model.cfg)
         dcfg = cfg.dictionary_config(site, d_in, d_out, model.cfg.model_name)
         dicts[site] = build_dictionary(dcfg, seed=cfg.seed * 7919 + i).to(model.cfg.device)
+    return run_training(dicts, store.batches, cfg, out_dir, ckpt_path, _model_terms(model, source, penalty, cfg, ckpt_path))
+
+
+ExtraLoss = Callable[[int, dict[Site, SparseDictionary]], tuple[torch.Tensor, dict[str, str]]]
+"""``(step, dicts) -> (loss term, progress-bar fields)``: terms beyond each dictionary's own loss."""
+
+
+def run_training(dicts: dict[Site, SparseDictionary], batches: Callable[[int], Iterator[dict[str, torch.Tensor]]],
+                 cfg: TrainConfig, out_dir: str | Path, checkpoint: str | Path | None = None,
+                 extra_loss: ExtraLoss | None = None, data_id: str = "") -> TrainResult:
+    """The training loop of freshly built ``dicts`` on ``batches(start_step)``, an endless iterator of
+    ``{hook: [batch_tokens, width]}`` holding every site's input and output hook (``step`` s always
+    the same batch). Initialises the dictionaries from the first batch, resumes from and writes atomic
+    checkpoints (``data_id`` names the data; a resume on other data is refused), saves to ``out_dir``."""
+    sites = list(dicts)
+    out_dir = Path(out_dir)
+    ckpt_path = Path(checkpoint) if checkpoint else out_dir / "train_checkpoint.safetensors"
+    run_meta = {"train_cfg": asdict(cfg), "sites": [s.id for s in sites], "data": data_id}
     clt = clt_sites(sites)
     steppers = {s: DictionaryStepper(d, lr=cfg.lr, resample_every=cfg.resample_every, ckpt=ckpt_path,
                                        grad_clip=cfg.grad_clip)
                 for s, d in dicts.items()}
-    opts = {s: st.opt for s, st in steppers.items()}
+    opts = {s.id: st.opt for s, st in steppers.items()}
     start = 0
     if ckpt_path.is_file():
-        start = _resume(ckpt_path, dicts, opts, cfg, sites)
-    batches = store.batches(start)
+        try:
+            start = restore_training_state(ckpt_path, {s.id: d for s, d in dicts.items()}, opts, run_meta)
+        except ValueError as err:
+            raise DictionaryError(str(err)) from err
+        log.info("resumed %d dictionaries from %s at step %d", len(dicts), ckpt_path, start)
+    batch_iter = batches(start)
     bar = tqdm(range(start, cfg.steps), desc=f"train {len(dicts)} dictionaries", initial=start, total=cfg.steps,
                disable=not distributed.is_main())
     t0 = time.time()
     for step in bar:
-        batch = next(batches)
+        batch = next(batch_iter)
         _check_finite(batch, sites, step, ckpt_path)
         if step == 0:
             for s, d in dicts.items():
@@ -313,6 +274,38 @@ def train_dictionaries(
             terms.update({s: steppers[s].check_finite(t, step) for s, t in joint.items()})
         total = sum(t.total for t in terms.values())
         postfix = {}
+        if extra_loss is not None:
+            extra, postfix = extra_loss(step, dicts)
+            total = total + extra
+        total.backward()
+        stats = [steppers[s].update(terms[s], xs[s], ys[s], cfg.lr * lr_mult, step) for s in sites]
+        dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)
+        bar.set_postfix(L0=f"{sum(st.l0 for st in stats) / len(stats):.1f}",
+                        FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%", **postfix)
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps and distributed.is_main():
+            save_training_state(ckpt_path, {s.id: d for s, d in dicts.items()}, opts, run_meta, done)
+    for d in dicts.values():
+        d.eval()
+    seconds = time.time() - t0
+    if distributed.is_main():
+        save_dictionaries(dicts, out_dir)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if ckpt_path.is_file():
+            ckpt_path.unlink()
+    distributed.barrier()
+    log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
+    return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
+
+
+def _model_terms(model: HookedTransformer, source: TokenSource, penalty: InteractionPenalty | None, cfg: TrainConfig,
+                 ckpt_path: Path) -> ExtraLoss | None:
+    """The interaction penalty and the end-to-end KL term (both need the model), or ``None``."""
+    if penalty is None and cfg.e2e_kl_coeff == 0:
+        return None
+
+    def terms(step: int, dicts: dict[Site, SparseDictionary]) -> tuple[torch.Tensor, dict[str, str]]:
+        total, postfix = torch.zeros((), device=model.cfg.device), {}
         if penalty is not None:
             rank, world = distributed.world()
             n_seq = cfg.interaction_sequences
@@ -333,25 +326,9 @@ def train_dictionaries(
                                       f"or the learning rate. The last good checkpoint {ckpt_path} is intact")
             total = total + cfg.e2e_kl_coeff * len(dicts) * kl
             postfix["KL"] = f"{kl.item():.3g}"
-        total.backward()
-        stats = [steppers[s].update(terms[s], xs[s], ys[s], cfg.lr * lr_mult, step) for s in sites]
-        dead = sum(float(d.dead_mask().float().mean()) for d in dicts.values()) / len(dicts)
-        bar.set_postfix(L0=f"{sum(st.l0 for st in stats) / len(stats):.1f}",
-                        FVU=f"{sum(st.fvu for st in stats) / len(stats):.3f}", dead=f"{100 * dead:.1f}%", **postfix)
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps and distributed.is_main():
-            _save_checkpoint(ckpt_path, dicts, opts, cfg, done)
-    for d in dicts.values():
-        d.eval()
-    seconds = time.time() - t0
-    if distributed.is_main():
-        save_dictionaries(dicts, out_dir)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        if ckpt_path.is_file():
-            ckpt_path.unlink()
-    distributed.barrier()
-    log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
-    return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
+        return total, postfix
+
+    return terms
 
 
 def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: TrainConfig) -> InteractionPenalty | None:
@@ -371,30 +348,3 @@ def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: T
         )
     log.info("interaction penalty %.3g on %d pairs: %s", cfg.interaction_penalty, len(pairs), ", ".join(p.id for p in pairs))
     return InteractionPenalty(model, pairs, cfg.interaction_weighting, cfg.interaction_keys)
-
-
-def _save_checkpoint(path: Path, dicts, opts, cfg: TrainConfig, step: int) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    optim_meta = {}
-    for s, d in dicts.items():
-        tensors.update({f"{s.id}/dict.{k}": v for k, v in d.state_dict().items()})
-        flat, extra = optimizer_to_flat(opts[s], prefix=f"{s.id}/optim.")
-        tensors.update(flat)
-        optim_meta[s.id] = extra
-    meta = {"step": step, "train_cfg": asdict(cfg), "sites": [s.id for s in dicts], "optim": optim_meta}
-    save_checkpoint(path, tensors, meta)
-
-
-def _resume(path: Path, dicts, opts, cfg: TrainConfig, sites: Sequence[Site]) -> int:
-    try:
-        ck = load_checkpoint(path)
-    except ValueError as err:
-        raise DictionaryError(str(err)) from err
-    if ck.meta.get("train_cfg") != asdict(cfg) or ck.meta.get("sites") != [s.id for s in sites]:
-        raise DictionaryError(f"{path} was written by a run with other settings or sites; delete it or rerun with the same flags")
-    for s, d in dicts.items():
-        prefix = f"{s.id}/dict."
-        d.load_state_dict({k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
-        optimizer_from_flat(opts[s], ck.tensors, ck.meta["optim"][s.id], prefix=f"{s.id}/optim.")
-    log.info("resumed %d dictionaries from %s at step %d", len(dicts), path, ck.meta["step"])
-    return int(ck.meta["step"])

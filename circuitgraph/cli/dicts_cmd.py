@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus-mix", choices=("default", "task-rich"), default="default",
                    help="toy corpus only: the default mixture, or task sentences only with more repeated spans")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--activations", default=None,
+                   help="train one dictionary on this safetensors file instead of a model's activations: 'activations' "
+                        "[n, d_in], plus 'targets' [n, d_out] for a transcoder site (see docs/dictionaries.md)")
+    p.add_argument("--site", default=None,
+                   help="with --activations: the site id the dictionary is for (e.g. L3.resid_post, L3.transcoder); "
+                        "default: the file's 'site' metadata")
     add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=run_train)
 
@@ -124,6 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
     from circuitgraph.graph.storage import check_writable
 
     check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
+    if args.activations or args.site:
+        return _train_from_file(args)
     model = resolve_model(args.model, device=args.device)
     if not 2 <= args.seq_len <= model.cfg.n_ctx:
         raise DictionaryError(f"--seq-len {args.seq_len}: use 2 to {model.cfg.n_ctx} (the model's context)")
@@ -140,6 +148,27 @@ def run_train(args: argparse.Namespace) -> int:
     if not distributed.is_main():
         return 0
     print(json.dumps({"dictionaries": len(result.dictionaries), "seconds": round(result.seconds, 1),
+                      "tokens_per_dictionary": result.tokens, "out": args.out}))
+    return 0
+
+
+def _train_from_file(args: argparse.Namespace) -> int:
+    """train-dictionaries --activations FILE: one dictionary, no model."""
+    from dictionaries.activation_file import read_activation_file, train_on_activations
+
+    if not args.activations:
+        raise DictionaryError("--site names the site of an --activations file; a model run takes --sites and --layers")
+    clash = [flag for flag, given in (("--model", args.model != "default"), ("--text", args.text),
+                                      ("--tokens-file", args.tokens_file), ("--hf-dataset", args.hf_dataset)) if given]
+    if clash:
+        raise DictionaryError(f"--activations trains on the file alone, without a model or text; drop {', '.join(clash)}")
+    try:
+        cfg = dataclass_from_flags(TrainConfig, args)
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    acts = read_activation_file(args.activations, site=args.site or "")
+    result = train_on_activations(acts, cfg, args.out, device=args.device)
+    print(json.dumps({"dictionaries": 1, "site": acts.site.id, "seconds": round(result.seconds, 1),
                       "tokens_per_dictionary": result.tokens, "out": args.out}))
     return 0
 

@@ -204,7 +204,8 @@ class TokenRow(NamedTuple):
     targets: list[RowTarget]
 
 
-def _check_ids(ids: Sequence[int], d_vocab: int, what: str) -> None:
+def check_token_ids(ids: Sequence[int], d_vocab: int, what: str) -> None:
+    """A :class:`TaskError` naming the ids that are not integers in ``0..d_vocab - 1``."""
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < d_vocab]
     if bad:
         raise TaskError(f"{what} has token ids outside the model's vocabulary 0..{d_vocab - 1}: "
@@ -223,8 +224,8 @@ def _checked_targets(row: TokenRow, d_vocab: int) -> list[RowTarget]:
                             f"(0..{len(row.clean) - 1}, or -1 for the last)")
         if not t.answers:
             raise TaskError(f"{row.where}: the target at position {t.pos} has no answer")
-        _check_ids(t.answers, d_vocab, f"{row.where}: the answer at position {t.pos}")
-        _check_ids(t.wrongs, d_vocab, f"{row.where}: the wrong tokens at position {t.pos}")
+        check_token_ids(t.answers, d_vocab, f"{row.where}: the answer at position {t.pos}")
+        check_token_ids(t.wrongs, d_vocab, f"{row.where}: the wrong tokens at position {t.pos}")
         out.append(RowTarget(pos, tuple(t.answers), tuple(t.wrongs)))
     positions = [t.pos for t in out]
     if len(set(positions)) != len(positions):
@@ -262,8 +263,8 @@ def build_from_rows(name: str, rows: Sequence[TokenRow], model: HookedTransforme
         if len(row.corrupted) != len(row.clean):
             raise TaskError(f"{row.where} has {len(row.clean)} tokens but its corrupted version {len(row.corrupted)}; "
                             "clean and corrupted prompts must align token by token")
-        _check_ids(row.clean, d_vocab, row.where)
-        _check_ids(row.corrupted, d_vocab, f"{row.where} (corrupted)")
+        check_token_ids(row.clean, d_vocab, row.where)
+        check_token_ids(row.corrupted, d_vocab, f"{row.where} (corrupted)")
         targets.append(_checked_targets(row, d_vocab))
     width = max(len(r.clean) for r in rows)
     shift = [width - len(r.clean) if padding_side == "left" else 0 for r in rows]

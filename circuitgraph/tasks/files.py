@@ -33,6 +33,7 @@ from circuitgraph.tasks.dataset import (
     TokenRow,
     build_from_rows,
     check_in_vocabulary,
+    check_token_ids,
     single_token_id,
 )
 
@@ -136,6 +137,7 @@ def _prompt(row: dict, name: str, where: str, model: HookedTransformer) -> tuple
         raise TaskError(f"{where}: give {name!r} (text) or {name + '_ids'!r} (token ids), not both")
     if not _empty(ids):
         tokens = list(_ids(ids, where, f"{name}_ids"))
+        check_token_ids(tokens, model.cfg.d_vocab, where if name == "prompt" else f"{where} (corrupted)")
         shown = model.tokenizer.decode(tokens) if model.tokenizer is not None else " ".join(map(str, tokens))
         return f"ids: {shown}", tokens
     if text is None:

@@ -12,7 +12,8 @@ Its equations: an SAE centres its input first, ``pre = relu((x - b_dec) @ W_e.T 
 transcoder (``transcode: true``) does not, ``pre = relu(x @ W_e.T + b_e)``; both keep the ``k``
 largest values of ``pre`` and output ``top @ W_dec + b_dec (+ x @ W_skip.T)``. A training run is a
 folder of such hookpoint folders; :func:`dictionaries.persistence.load_dictionaries` reads one
-hookpoint folder or the whole run (each sub-folder in turn).
+hookpoint folder or the whole run (each sub-folder in turn). A run with several ``init_seeds``
+nests one ``seedN/`` folder per seed under each hookpoint; give one of those folders.
 
 Mapping to ours (``topk``, no input/output scaling): ``W_enc = W_e.T``, ``b_enc = b_e - W_e @ b_dec``
 for an SAE (the centring folded into the bias, exactly), ``b_enc = b_e`` for a transcoder;
@@ -101,7 +102,8 @@ def load_sparsify(folder: str | Path, device: str = "cpu", model_name: str = "")
         raise DictionaryError(f"{folder} is not a sparsify hookpoint folder: it needs {SPARSIFY_CFG} and {SPARSIFY_WEIGHTS}")
     raw = _config(folder)
     transcode = bool(raw.get("transcode", False))
-    site = hookpoint_site(folder.name, transcode)
+    seeded = re.fullmatch(r"seed\d+", folder.name) is not None  # runs with several init_seeds: <hookpoint>/seedN/
+    site = hookpoint_site(folder.parent.name if seeded else folder.name, transcode)
     w = read_tensors(folder / SPARSIFY_WEIGHTS)
     missing = [k for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if k not in w]
     if missing:

@@ -46,6 +46,8 @@ def test_single_hookpoint_folder_and_cli(tmp_path, capsys):
     """One hookpoint folder given alone, and a run folder through a CLI command's --dicts."""
     one = load_dictionaries(GOLDEN / "layers.1")
     assert list(one) == [Site(1, "resid_post")]
+    seeded = shutil.copytree(GOLDEN / "layers.1", tmp_path / "layers.1" / "seed1")  # a run with several init_seeds
+    assert list(load_dictionaries(seeded)) == [Site(1, "resid_post")]
     assert main(["dicts", "mmcs", str(GOLDEN), str(GOLDEN / "layers.2.mlp"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"L2.mlp_out": 1.0}
 

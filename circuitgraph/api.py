@@ -226,13 +226,16 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     return prune_graph(graph, node_threshold, edge_threshold)
 
 
-def view(graph: Graph | str | Path, path: str | Path = "circuit.html", max_nodes: int = 500,
-         open_browser: bool = False) -> Path:
-    """Write the offline HTML viewer of ``graph`` (a :class:`Graph` or a saved graph folder) to ``path``."""
-    from circuitgraph.viewer.html import to_html
+def view(graph: Graph | str | Path, path: str | Path = "circuit.html", max_nodes: int | None = None,
+         open_browser: bool = False, max_edges: int = 500) -> Path:
+    """Write the offline HTML viewer of ``graph`` (a :class:`Graph` or a saved graph folder; a prompt
+    trace's folder shows its unpruned ``full/`` graph) to ``path``. The page opens on the graph pruned
+    at circuit-tracer's thresholds with at most ``max_edges`` edges; ``max_nodes`` caps the features
+    of every view."""
+    from circuitgraph.viewer.html import load_for_view, to_html
 
-    g = graph if isinstance(graph, Graph) else Graph.load(graph)
-    out = to_html(g, path, max_nodes=max_nodes)
+    g = graph if isinstance(graph, Graph) else load_for_view(graph)
+    out = to_html(g, path, max_nodes=max_nodes, max_edges=max_edges)
     if open_browser:
         import webbrowser
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import networkx as nx
-import pytest
 import torch
 
 from circuitgraph.cli.main import main
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
+from circuitgraph.graph.pruning import prune_graph
 from circuitgraph.viewer.export import circuit_tracer_json, export_graph
 from circuitgraph.viewer.html import render_html, to_html
+from tests.browser import chrome, open_page
 
 HOSTILE = ['<script>window.cgPwned=1</script>', '"><img src=x onerror="window.cgPwned=2">', "</script><b>x</b>"]
 
@@ -32,26 +32,36 @@ def hostile_graph() -> Graph:
                  metadata={"prompt": HOSTILE[0]}, features={"L0.transcoder#3": card})
 
 
+def _data(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="cg-data">(.*?)</script>', page, re.S).group(1))
+
+
 def test_page_is_offline_and_escapes_everything(tmp_path):
     html = render_html(hostile_graph())
     assert not re.findall(r'<script[^>]*\bsrc=', html)
     assert not re.findall(r'<link[^>]*href="https?://', html)
     for text in HOSTILE:
         assert text not in html
-    blob = re.search(r'<script type="application/json" id="cg-data">(.*?)</script>', html, re.S).group(1)
-    data = json.loads(blob)
+    data = _data(html)
     assert data["n_nodes"] == 6 and data["n_edges"] == 6
-    assert data["nodes"]["L0.transcoder#3@1"]["card"]["label"] == HOSTILE[0]
+    assert data["cards"]["L0.transcoder#3"]["label"] == HOSTILE[0]
+    assert {n["id"]: n["text"] for n in data["nodes"]}["tok@1"] == HOSTILE[1]
 
 
-def test_large_graph_is_pruned(tmp_path):
+def test_large_graph_page_holds_only_its_views(tmp_path):
+    """800 features: the page opens on the pruning at circuit-tracer's thresholds with at most
+    ``max_edges`` edges, and carries only what some view shows."""
     n = 800
     nodes = [Node("feature", float(i % 4), f"L{i % 4}.resid_post", i, 1) for i in range(n)] + [Node("logit", 5, index=0, pos=1)]
     src = torch.arange(n)
     g = Graph(nodes, torch.ones(n + 1), src, torch.full((n,), n), torch.rand(n, generator=torch.Generator().manual_seed(0)),
               torch.cat([torch.zeros(n), torch.ones(1)]))
-    data = json.loads(re.search(r'id="cg-data">(.*?)</script>', render_html(g, max_nodes=100), re.S).group(1))
-    assert data["n_nodes"] <= 101 and "pruned from 801" in data["summary"]
+    data = _data(render_html(g, max_edges=20))
+    default = data["views"][data["default_view"]]
+    ref = prune_graph(g, 0.8, 0.98, max_edges=20)
+    assert (default["n_nodes"], default["n_edges"]) == (ref.n_nodes, ref.n_edges) == (21, 20)
+    assert data["page_edges"] == len(data["edges"]) // 4 == 10 * 20 and len(data["nodes"]) == 10 * 20 + 1
+    assert data["summary"].startswith("circuitgraph: 801 nodes, 800 edges")
 
 
 def test_exports_round_trip(tmp_path):
@@ -78,37 +88,21 @@ def test_cli_view_and_export(tmp_path, capsys):
     assert json.loads((tmp_path / "ct.json").read_text())["nodes"]
 
 
-def _driver():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-    driver_bin = shutil.which("chromedriver")
-    if binary is None or driver_bin is None:
-        pytest.skip("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver_bin), options=opts)
-
-
 def test_browser_renders_graph_and_never_runs_markup(tmp_path):
-    driver = _driver()
+    driver = chrome()
     try:
         path = to_html(hostile_graph(), tmp_path / "v.html")
-        driver.get(path.resolve().as_uri())
-        for _ in range(100):
-            if driver.execute_script("return window.cgReady === true"):
-                break
-            driver.implicitly_wait(0.1)
-        assert driver.execute_script("return nodes.length") == 6
+        open_page(driver, path)
+        assert driver.execute_script("return nodes.get({filter: function (n) { return !n.hidden; }}).length") == 6
         assert driver.execute_script("return edges.length") == 6
         assert driver.execute_script("return window.cgPwned") is None
         driver.execute_script("cgShow('L0.transcoder#3@1')")
         card = driver.execute_script("return document.getElementById('cg-card').textContent")
-        assert HOSTILE[0] in card and driver.execute_script("return window.cgPwned") is None
+        assert HOSTILE[0] in card and HOSTILE[1] in card and driver.execute_script("return window.cgPwned") is None
+        driver.execute_script("cgShow('tok@1')")
+        assert HOSTILE[1].replace('"', '\\"') in driver.execute_script("return document.getElementById('cg-card').textContent")
+        driver.execute_script("cgHighlight('tok@1'); cgHighlight(null)")
+        assert driver.execute_script("return window.cgPwned") is None
         driver.save_screenshot(str(tmp_path / "viewer.png"))
         assert (tmp_path / "viewer.png").stat().st_size > 1000
     finally:
@@ -138,8 +132,7 @@ def test_header_shows_the_honest_numbers():
     g.metadata.update({"n_nodes": 5, "n_feature_nodes": 4, "n_error_nodes": 1, "held_out": True, "eval_n_prompts": 64,
                        "faithfulness": 0.824, "faithfulness_features_only": 0.189, "faithfulness_errors_only": 0.212,
                        "ceiling": 0.357, "completeness": 1.003})
-    data = json.loads(re.search(r'id="cg-data">(.*?)</script>', render_html(g), re.S).group(1))
-    s = data["summary"]
+    s = _data(render_html(g))["summary"]
     assert "circuit 5 nodes = 4 features + 1 error nodes" in s and "64 held-out prompts" in s
     for text in ("faithfulness 0.824", "faithfulness features only 0.189", "faithfulness errors only 0.212",
                  "ceiling 0.357", "completeness 1.003"):

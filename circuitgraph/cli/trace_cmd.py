@@ -102,7 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("view", help="write the offline HTML viewer of a graph")
     v.add_argument("graph", help="graph folder written by `circuitgraph trace`")
     v.add_argument("--out", default="circuit.html")
-    v.add_argument("--max-nodes", type=int, default=500, help="larger graphs are shown pruned by influence")
+    v.add_argument("--max-nodes", type=int, default=None, help="at most this many features in any view (default: no cap)")
+    v.add_argument("--max-edges", type=int, default=500,
+                   help="edges of the view the page opens on (circuit-tracer's thresholds); denser views hold up to 10x")
     v.add_argument("--open", action="store_true", help="open the page in the default browser")
     v.set_defaults(func=run_view)
 
@@ -397,15 +399,16 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def run_view(args: argparse.Namespace) -> int:
-    from circuitgraph.graph.graph import Graph
     from circuitgraph.graph.storage import check_distinct, check_writable
-    from circuitgraph.viewer.html import to_html
+    from circuitgraph.viewer.html import load_for_view, to_html
 
     check_distinct(args.out, args.graph)
     check_writable(args.out, is_file=True)
-    if args.max_nodes < 1:
+    if args.max_nodes is not None and args.max_nodes < 1:
         raise CircuitGraphError(f"--max-nodes {args.max_nodes}: show at least one node")
-    path = to_html(Graph.load(args.graph), args.out, args.max_nodes)
+    if args.max_edges < 1:
+        raise CircuitGraphError(f"--max-edges {args.max_edges}: show at least one edge")
+    path = to_html(load_for_view(args.graph), args.out, args.max_nodes, args.max_edges)
     print(path)
     if args.open:
         import webbrowser

@@ -102,11 +102,12 @@ class PruneResult(NamedTuple):
 
 def prune(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, output_weights: torch.Tensor,
           prunable: torch.Tensor, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-          max_nodes: int | None = None) -> PruneResult:
+          max_nodes: int | None = None, max_edges: int | None = None) -> PruneResult:
     """Keep the prunable nodes (``[N]`` bool: features, components) carrying ``node_threshold`` of the
     total influence (at most ``max_nodes`` of them), all non-prunable nodes (tokens, errors, outputs),
-    then the edges among them carrying ``edge_threshold`` of the edge influence; nodes left without
-    any edge are dropped (output nodes always stay)."""
+    then the edges among them carrying ``edge_threshold`` of the edge influence (at most
+    ``max_edges`` of them, the most influential); nodes left without any edge are dropped (output
+    nodes always stay)."""
     n = output_weights.shape[0]
     a = normalised_adjacency(sources, targets, weights, n)
     inf = influence(a, output_weights)
@@ -123,6 +124,9 @@ def prune(sources: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, o
     e_keep = torch.zeros_like(e_in)
     cand = e_in.nonzero().squeeze(1)
     e_keep[cand[cumulative_keep(e_inf[cand], edge_threshold)]] = True
+    if max_edges is not None and int(e_keep.sum()) > max_edges:
+        kept = e_keep.nonzero().squeeze(1)
+        e_keep[kept[torch.argsort(e_inf[kept], descending=True, stable=True)[max_edges:]]] = False
     touched = torch.zeros(n, dtype=torch.bool)
     touched[sources[e_keep]] = True
     touched[targets[e_keep]] = True

@@ -9,7 +9,7 @@ from typing import Literal
 
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
-from circuitgraph.viewer.html import _influence
+from circuitgraph.viewer.views import node_influence
 
 Format = Literal["circuit-tracer", "node-link", "graphml"]
 
@@ -21,7 +21,7 @@ def circuit_tracer_json(g: Graph) -> dict:
     """The attribution-graph schema of circuit-tracer's frontend and Neuronpedia: ``metadata``,
     ``nodes`` (node_id, feature, layer, ctx_idx, feature_type, activation, influence, ...) and
     ``links`` (source, target, weight). ``node_id`` is our stable id."""
-    inf = _influence(g)
+    inf = node_influence(g)
     n_layers = max((n.layer for n in g.nodes if n.layer is not None), default=-1) + 1
     nodes = []
     for i, node in enumerate(g.nodes):

@@ -1,0 +1,277 @@
+// circuitgraph viewer: views, hover lineage, node cards and supernodes over pyvis's global
+// `network`, `nodes` and `edges`. Every string from the graph is written with textContent or drawn
+// on the canvas; nothing is parsed as HTML. Data: see circuitgraph/viewer/page_data.py.
+(function () {
+  'use strict';
+  var D = JSON.parse(document.getElementById('cg-data').textContent);
+  window.cgData = D;
+  var N = D.nodes, E = D.edges, nE = E.length / 4;
+  var FONT = '#222222', FONT_DIM = 'rgba(34,34,34,0.15)';
+  var S = {view: D.default_view, lit: null, groups: [], extra: [], drawn: {}, guideX: 0, guideY: 0};
+  var indexOf = {};
+  N.forEach(function (n, p) { indexOf[n.id] = p; });
+  D.groups.forEach(function (g) { S.groups.push({name: g.name, members: g.members, collapsed: false, suggested: true}); });
+
+  function byId(id) { return document.getElementById(id); }
+  function el(tag, text, style) {
+    var e = document.createElement(tag);
+    if (text !== undefined) e.textContent = text;
+    if (style) e.setAttribute('style', style);
+    return e;
+  }
+  function fmt(x) { return (Math.abs(x) >= 100 || x === 0) ? String(Math.round(x * 100) / 100) : x.toPrecision(3); }
+
+  // --- the drawn graph: a view's nodes and edges, groups collapsed into supernodes -----------------
+  function superId(name) {
+    var id = 'super:' + name;
+    while (indexOf[id] !== undefined) id += '~';
+    return id;
+  }
+  function draw() {
+    var v = S.view, doc = D.views[v], shown = {}, k = 0, rep = {}, supers = [];
+    N.forEach(function (n) { if (n.views >> v & 1) { shown[n.id] = [doc.xy[2 * k], doc.xy[2 * k + 1]]; k++; } });
+    S.groups.forEach(function (g) {
+      var present = g.members.filter(function (p) { return shown[N[p].id] !== undefined; });
+      if (!g.collapsed || present.length === 0) return;
+      var sid = superId(g.name), at = shown[N[present[0]].id];  // the first member's slot is free once it hides
+      supers.push({id: sid, label: g.name + ' (' + present.length + ')', x: at[0], y: at[1], shape: 'hexagon',
+                   color: '#8e24aa', size: 14, physics: false, font: {color: FONT, face: 'monospace', size: D.font_px}});
+      present.forEach(function (p) { rep[N[p].id] = sid; delete shown[N[p].id]; });
+      g.drawn = present;
+    });
+    var agg = {}, list = [];
+    for (var q = 0; q < nE; q++) {
+      if (!(E[4 * q + 3] >> v & 1)) continue;
+      var s = N[E[4 * q]].id, t = N[E[4 * q + 1]].id;
+      s = rep[s] || s; t = rep[t] || t;
+      if (s === t) continue;
+      var key = s + '>' + t;
+      if (agg[key] === undefined) { agg[key] = {id: key, from: s, to: t, w: 0}; list.push(agg[key]); }
+      agg[key].w += E[4 * q + 2];
+    }
+    var maxw = list.reduce(function (m, e) { return Math.max(m, Math.abs(e.w)); }, 1e-12);
+    list.forEach(function (e) {
+      e.base = e.w >= 0 ? '#1e88e5' : '#e53935';
+      e.color = {color: e.base, opacity: 0.55};
+      e.width = 0.4 + 4.6 * Math.abs(e.w) / maxw;
+    });
+    nodes.update(N.map(function (n) {
+      var at = shown[n.id];
+      return at ? {id: n.id, hidden: false, x: at[0], y: at[1], opacity: 1, font: {face: 'monospace', size: n.font, color: FONT}}
+                : {id: n.id, hidden: true};
+    }));
+    nodes.remove(S.extra);
+    nodes.add(supers);
+    S.extra = supers.map(function (s) { return s.id; });
+    edges.clear();
+    edges.add(list);
+    S.drawn = shown;
+    S.lit = null;
+    window.cgLit = null;
+    info();
+    groupList();
+  }
+
+  // --- the default zoom: every node, its label and the guides in the canvas ----------------------
+  function fit() {
+    var doc = D.views[S.view], ids = nodes.getIds({filter: function (n) { return !n.hidden; }});
+    if (!ids.length) return;
+    var pos = network.getPositions(ids), x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    ids.forEach(function (id) {
+      x0 = Math.min(x0, pos[id].x); x1 = Math.max(x1, pos[id].x); y0 = Math.min(y0, pos[id].y); y1 = Math.max(y1, pos[id].y);
+    });
+    x0 -= 70; x1 += 70; y0 -= 30; y1 += doc.bottom + 8;
+    var guidePx = doc.rows.reduce(function (m, r) { return Math.max(m, r[1].length * 7 + 20); }, 0);
+    var colPx = doc.cols.length ? 24 : 0, box = byId('mynetwork');
+    var scale = Math.min(1.5, 0.97 * Math.min((box.clientWidth - guidePx) / (x1 - x0), (box.clientHeight - colPx) / (y1 - y0)));
+    S.guideX = x0;
+    S.guideY = y1;
+    network.moveTo({position: {x: (x0 + x1) / 2 - guidePx / (2 * scale), y: (y0 + y1) / 2 + colPx / (2 * scale)},
+                    scale: scale, animation: false});
+  }
+
+  // --- hover: a node's ancestors and descendants stay lit, the rest dims ------------------------
+  function lineage(id) {
+    var up = {}, down = {}, all = edges.get();
+    all.forEach(function (e) { (up[e.to] = up[e.to] || []).push(e.from); (down[e.from] = down[e.from] || []).push(e.to); });
+    function walk(adj) {
+      var seen = {}, stack = [id];
+      seen[id] = true;
+      while (stack.length) {
+        (adj[stack.pop()] || []).forEach(function (m) { if (!seen[m]) { seen[m] = true; stack.push(m); } });
+      }
+      return seen;
+    }
+    return {anc: walk(up), desc: walk(down), edges: all};
+  }
+  function highlight(id) {
+    S.lit = id;
+    var L = id === null ? null : lineage(id);
+    var lit = null;
+    if (L) { lit = {}; Object.keys(L.anc).concat(Object.keys(L.desc)).forEach(function (m) { lit[m] = true; }); }
+    nodes.update(nodes.get({filter: function (n) { return !n.hidden; }}).map(function (n) {
+      var on = lit === null || lit[n.id] === true;
+      var p = indexOf[n.id], size = p === undefined ? D.font_px : N[p].font;
+      return {id: n.id, opacity: on ? 1 : 0.12, font: {face: 'monospace', size: size, color: on ? FONT : FONT_DIM}};
+    }));
+    edges.update((L ? L.edges : edges.get()).map(function (e) {
+      var on = L === null || (L.anc[e.from] && L.anc[e.to]) || (L.desc[e.from] && L.desc[e.to]);
+      return {id: e.id, color: {color: e.base, opacity: L === null ? 0.55 : (on ? 0.95 : 0.04)}};
+    }));
+    window.cgLit = lit === null ? null : Object.keys(lit);
+  }
+
+  // --- the card of a node -----------------------------------------------------------------------
+  function link(id, text) {
+    var a = el('a', text, 'cursor:pointer;color:#1565c0;display:block;font-family:monospace;white-space:pre');
+    a.addEventListener('click', function () { go(id); });
+    return a;
+  }
+  function strongest(card, p, incoming) {
+    var rows = [];
+    for (var q = 0; q < nE; q++) if (E[4 * q + (incoming ? 1 : 0)] === p) rows.push([E[4 * q + (incoming ? 0 : 1)], E[4 * q + 2]]);
+    rows.sort(function (a, b) { return Math.abs(b[1]) - Math.abs(a[1]); });
+    card.appendChild(el('h4', (incoming ? 'strongest inputs' : 'strongest outputs') + ' (' + rows.length + ' in this page)'));
+    rows.slice(0, 8).forEach(function (r) {
+      var o = N[r[0]];
+      card.appendChild(link(o.id, (r[1] >= 0 ? '+' : '') + fmt(r[1]) + '  ' + o.id + '  ' + o.label));
+    });
+  }
+  function contexts(card, f) {
+    card.appendChild(el('h4', 'top-activating contexts (density ' + fmt(f.density) + ')'));
+    f.contexts.forEach(function (c) {
+      var line = el('div', undefined, 'margin:2px 0;font-family:monospace;white-space:pre-wrap');
+      var mx = Math.max.apply(null, c.acts.concat([1e-9]));
+      c.tokens.forEach(function (t, i) {
+        var a = Math.max(0, c.acts[i]) / mx;
+        var s = el('span', t, 'background:rgba(255,120,0,' + a.toFixed(3) + ')' + (i === c.peak ? ';outline:1px solid #000' : ''));
+        s.title = 'activation ' + c.acts[i];
+        line.appendChild(s);
+      });
+      card.appendChild(line);
+    });
+    if (f.ablation) {
+      card.appendChild(el('h4', 'ablation effect on the prompt (next-token log-likelihood)'));
+      var ab = el('div', undefined, 'font-family:monospace;white-space:pre-wrap');
+      f.ablation.tokens.forEach(function (t, i) {
+        var d = i > 0 ? f.ablation.delta[i - 1] : 0, m = Math.min(1, Math.abs(d));
+        var s = el('span', t, 'text-decoration:underline;text-decoration-thickness:3px;text-decoration-color:' +
+                   (d < 0 ? 'rgba(220,0,0,' : 'rgba(0,0,220,') + m + ')');
+        s.title = 'change ' + d;
+        ab.appendChild(s);
+      });
+      card.appendChild(ab);
+    }
+    card.appendChild(el('h4', 'promotes'));
+    card.appendChild(el('div', f.promoted.map(function (p) { return p[0] + ' (' + p[1] + ')'; }).join(', ')));
+    card.appendChild(el('h4', 'suppresses'));
+    card.appendChild(el('div', f.suppressed.map(function (p) { return p[0] + ' (' + p[1] + ')'; }).join(', ')));
+  }
+  function show(id) {
+    var card = byId('cg-card');
+    card.replaceChildren();
+    var p = indexOf[id];
+    card.appendChild(el('h3', id));
+    if (p === undefined) {
+      var g = S.groups.filter(function (x) { return superId(x.name) === id; })[0];
+      if (!g) { card.appendChild(el('div', 'no node ' + id + ' in this page')); return; }
+      card.appendChild(el('div', 'supernode of ' + g.drawn.length + ' nodes (edges summed; expand it in "groups")'));
+      g.drawn.forEach(function (m) { card.appendChild(link(N[m].id, N[m].id + '  ' + N[m].label)); });
+      return;
+    }
+    var n = N[p];
+    if (!S.drawn[id]) card.appendChild(el('div', '(not drawn in this view)', 'color:#b00'));
+    if (n.kind === 'token') card.appendChild(el('div', 'token ' + JSON.stringify(n.text) + ' at position ' + n.pos));
+    else if (n.kind === 'error') card.appendChild(el('div', 'reconstruction error of ' + n.site + (n.pos === null ? '' : ' at position ' + n.pos) +
+      ': the part of the site output its dictionary misses; influence ' + fmt(n.inf)));
+    else if (n.kind === 'logit') card.appendChild(el('div', 'output ' + JSON.stringify(n.text) + ': probability ' + fmt(n.prob) +
+      ', mean-centred logit ' + fmt(n.act)));
+    else if (n.kind === 'metric') card.appendChild(el('div', 'the explained quantity, value ' + fmt(n.act)));
+    else {
+      card.appendChild(el('div', 'label: ' + n.text));
+      card.appendChild(el('div', (n.kind === 'supernode' ? '' : 'activation ' + fmt(n.act) + '   ') + 'influence ' + fmt(n.inf)));
+    }
+    var members = (D.supernodes || {})[id.replace(/^super:/, '')];
+    if (n.kind === 'supernode' && members) card.appendChild(el('div', 'members: ' + members.join(', ')));
+    if (n.card) contexts(card, D.cards[n.card]);
+    strongest(card, p, true);
+    strongest(card, p, false);
+  }
+  function go(id) {
+    if (S.drawn[id] || S.extra.indexOf(id) >= 0) { network.selectNodes([id]); network.focus(id, {scale: Math.max(network.getScale(), 1)}); }
+    show(id);
+  }
+
+  // --- controls ----------------------------------------------------------------------------------
+  function info() {
+    var doc = D.views[S.view];
+    byId('cg-view-info').textContent = 'view ' + (S.view + 1) + ' of ' + D.views.length + ': node threshold ' +
+      doc.node_threshold + ', edge threshold ' + doc.edge_threshold + (S.view === D.default_view ? ' (circuit-tracer\'s)' : '') +
+      ', at most ' + doc.max_edges + ' edges: ' + doc.n_nodes + ' nodes, ' + doc.n_edges + ' edges shown of ' +
+      D.n_nodes + ' nodes, ' + D.n_edges + ' edges';
+  }
+  function groupList() {
+    var box = byId('cg-group-list');
+    box.replaceChildren();
+    S.groups.forEach(function (g) {
+      var row = el('div'), b = el('button', g.collapsed ? 'expand' : 'collapse');
+      b.addEventListener('click', function () { collapse(g.name, !g.collapsed); });
+      row.appendChild(b);
+      var names = el('span', ' ' + g.name + ': ' + g.members.length + ' nodes' + (g.suggested ? ' (suggested)' : ''));
+      names.title = g.members.map(function (m) { return N[m].id; }).join(' ');
+      row.appendChild(names);
+      box.appendChild(row);
+    });
+  }
+  function collapse(name, on) {
+    S.groups.forEach(function (g) { if (g.name === name) g.collapsed = on; });
+    draw();
+  }
+  function group(ids) {
+    var members = ids.filter(function (id) { return indexOf[id] !== undefined && S.drawn[id]; }).map(function (id) { return indexOf[id]; });
+    if (members.length < 2) { byId('cg-card').textContent = 'select two or more nodes (ctrl-click) to group them'; return null; }
+    var name = 'group' + (S.groups.length + 1);
+    S.groups.push({name: name, members: members, collapsed: true, suggested: false});
+    draw();
+    return superId(name);
+  }
+  function setView(v) {
+    S.view = v;
+    byId('cg-view').value = v;
+    draw();
+    fit();
+  }
+  network.on('afterDrawing', function (ctx) {  // row and column guides, 12 screen pixels at any zoom
+    var doc = D.views[S.view], k = 1 / network.getScale();
+    ctx.save();
+    ctx.font = (12 * k) + 'px sans-serif';
+    ctx.fillStyle = '#666666';
+    ctx.textAlign = 'right';
+    ctx.textBaseline = 'middle';
+    doc.rows.forEach(function (r) { ctx.fillText(r[1], S.guideX - 6 * k, r[0]); });
+    ctx.textAlign = 'center';
+    ctx.textBaseline = 'top';
+    doc.cols.forEach(function (c) { ctx.fillText(c[1], c[0], S.guideY + 4 * k); });
+    ctx.restore();
+  });
+  network.on('hoverNode', function (p) { highlight(p.node); });
+  network.on('blurNode', function () { highlight(null); });
+  network.on('click', function (p) { if (p.nodes.length) show(p.nodes[0]); });
+  var slider = byId('cg-view');
+  slider.max = D.views.length - 1;
+  slider.addEventListener('input', function () { setView(parseInt(slider.value, 10)); });
+  byId('cg-go').addEventListener('click', function () { go(byId('cg-find').value.trim()); });
+  byId('cg-group').addEventListener('click', function () { group(network.getSelectedNodes()); });
+  byId('cg-title').textContent = D.title;
+  byId('cg-meta').textContent = D.summary;
+  if (D.prompt !== null) byId('cg-prompt').textContent = 'prompt: ' + D.prompt;
+  window.cgShow = show;
+  window.cgSetView = setView;
+  window.cgHighlight = highlight;
+  window.cgCollapse = collapse;
+  window.cgGroup = group;
+  window.cgFit = fit;
+  setView(D.default_view);
+  network.once('afterDrawing', function () { window.cgReadyMs = performance.now(); window.cgReady = true; });
+  network.redraw();
+})();

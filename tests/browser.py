@@ -1,0 +1,105 @@
+"""Headless Chromium for the viewer tests (Debian ``chromium`` + ``chromium-driver``; ``.ci/run``
+installs them) and what the tests read back from a page."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+SHOWN_JS = """
+var shown = nodes.get({filter: function (n) { return !n.hidden; }});
+var pos = network.getPositions(shown.map(function (n) { return n.id; }));
+return shown.map(function (n) {
+  var b = network.body.nodes[n.id], L = b.labelModule.size;
+  return {id: n.id, x: pos[n.id].x, y: pos[n.id].y, size: b.options.size, shape: b.options.shape,
+          opacity: b.options.opacity === undefined ? 1 : b.options.opacity, label: [L.left, L.top, L.width, L.height]};
+});
+"""
+"""Every drawn node: position, size, shape, opacity and label box (canvas units, from vis-network itself)."""
+
+REACH = {"star": 1.3, "triangle": 1.16}
+"""How far vis-network draws a shape beyond its ``size`` (its star's points, its triangle's apex)."""
+
+
+def chrome(width: int = 1400, height: int = 900):
+    """A headless Chromium driver; the test skips only where Chromium is not installed."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver_bin = shutil.which("chromedriver")
+    if binary is None or driver_bin is None:
+        pytest.skip("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver_bin), options=opts)
+
+
+def open_page(driver, path: Path, timeout: float = 30.0) -> float:
+    """Load ``path`` and wait until the viewer says it is ready; milliseconds from navigation to ready."""
+    driver.get(Path(path).resolve().as_uri())
+    end = time.monotonic() + timeout
+    while not driver.execute_script("return window.cgReady === true"):
+        assert time.monotonic() < end, "the viewer never became ready"
+        time.sleep(0.02)
+    return float(driver.execute_script("return window.cgReadyMs"))
+
+
+def shown(driver) -> list[dict]:
+    """:data:`SHOWN_JS` at the current zoom (vis-network lays out the label of every node it draws,
+    also where the label is too small to be painted)."""
+    return driver.execute_script(SHOWN_JS)
+
+
+def page_edges(driver) -> dict[tuple[str, str], float]:
+    """The drawn edges, ``(source id, target id) -> weight``."""
+    return {(e["from"], e["to"]): e["w"] for e in driver.execute_script("return edges.get()")}
+
+
+def boxes_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether two ``(left, top, right, bottom)`` boxes share any area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def overlapping(items: list[dict]) -> dict[str, list]:
+    """Pairs of drawn nodes whose shapes overlap, whose labels overlap, and labels over other nodes."""
+    shapes, labels = [], []
+    for it in items:
+        r = it["size"] * REACH.get(it["shape"], 1.0)
+        shapes.append((it["x"] - r, it["y"] - r, it["x"] + r, it["y"] + r))
+        left, top, w, h = it["label"]
+        labels.append((left, top, left + w, top + h) if w > 0 else None)
+    out: dict[str, list] = {"nodes": [], "labels": [], "label_on_node": []}
+    for i in range(len(items)):
+        for j in range(len(items)):
+            pair = (items[i]["id"], items[j]["id"])
+            if i < j and boxes_overlap(shapes[i], shapes[j]):
+                out["nodes"].append(pair)
+            if i < j and labels[i] and labels[j] and boxes_overlap(labels[i], labels[j]):
+                out["labels"].append(pair)
+            if i != j and labels[i] and boxes_overlap(labels[i], shapes[j]):
+                out["label_on_node"].append(pair)
+    return out
+
+
+def mouse_to(driver, node_id: str | None, click: bool = False) -> None:
+    """Move the real mouse (W3C actions, viewport coordinates) onto a node's centre, or onto the
+    graph's top-left corner for ``None``; optionally click there."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    at = driver.execute_script(
+        "var r = document.querySelector('#mynetwork canvas').getBoundingClientRect();"
+        "if (arguments[0] === null) return {x: r.left + 3, y: r.top + 3};"
+        "var p = network.canvasToDOM(network.getPositions([arguments[0]])[arguments[0]]);"
+        "return {x: r.left + p.x, y: r.top + p.y};", node_id)
+    actions = ActionBuilder(driver)
+    actions.pointer_action.move_to_location(round(at["x"]), round(at["y"]))
+    if click:
+        actions.pointer_action.click()
+    actions.perform()

@@ -54,9 +54,9 @@ def overhead(model, penalty: float, pairs: str, steps: int) -> tuple[float, floa
     source = ToyCorpus(CorpusConfig(seed=1))
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(tokens=steps * 4096, activation_cache=f"{tmp}/cache", checkpoint_every=10**9)
-        train_dictionaries(model, sites, source, TrainConfig(**base), f"{tmp}/warm")  # fills the cache
-        plain = train_dictionaries(model, sites, source, TrainConfig(**base), f"{tmp}/plain").seconds
-        pen = train_dictionaries(model, sites, source, TrainConfig(**base, interaction_penalty=penalty, interaction_pairs=pairs), f"{tmp}/pen").seconds
+        train_dictionaries(model, sites, source, TrainConfig.of(**base), f"{tmp}/warm")  # fills the cache
+        plain = train_dictionaries(model, sites, source, TrainConfig.of(**base), f"{tmp}/plain").seconds
+        pen = train_dictionaries(model, sites, source, TrainConfig.of(**base, interaction_penalty=penalty, interaction_pairs=pairs), f"{tmp}/pen").seconds
     return plain / steps, pen / steps
 
 

@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_default()
     sites = expand_sites("resid_post,mlp_out,attn_z,transcoder", "all", model.cfg.n_layers)
-    cfg = TrainConfig(arch="topk", k=16, expansion=8, tokens=args.tokens, checkpoint_every=10**9)
+    cfg = TrainConfig.of(arch="topk", k=16, expansion=8, tokens=args.tokens, checkpoint_every=10**9)
     corpus = ToyCorpus(CorpusConfig(seed=1))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

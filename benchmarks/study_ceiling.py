@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -54,7 +53,7 @@ from dictionaries.persistence import load_dictionaries  # noqa: E402
 from dictionaries.site import expand_sites  # noqa: E402
 from dictionaries.training import TrainConfig, train_dictionaries  # noqa: E402
 
-BASE = TrainConfig(expansion=4, k=16, grad_clip=0.0, checkpoint_every=50)
+BASE = TrainConfig.of(expansion=4, k=16, grad_clip=0.0, checkpoint_every=50)
 
 # name -> (description, site kinds, TrainConfig overrides, corpus, committed folder or None)
 LEVERS: dict[str, tuple[str, str, dict, str, Path | None]] = {
@@ -106,7 +105,7 @@ def dictionary_set(model, name: str, tokens: int, out: Path, threads: int) -> tu
     if committed is not None:
         dicts = {s: d for s, d in load_dictionaries(committed).items() if s.kind in wanted}
         return dicts, None, {"tokens": None}
-    cfg = replace(BASE, **{"tokens": tokens, **over})
+    cfg = BASE.replace(**{"tokens": tokens, **over})
     folder = out / name
     seconds = None
     if not (folder / "train_config.json").is_file():
@@ -115,7 +114,7 @@ def dictionary_set(model, name: str, tokens: int, out: Path, threads: int) -> tu
         (folder / "train_seconds.json").write_text(json.dumps({"seconds": seconds, "threads": threads}) + "\n")
     elif (folder / "train_seconds.json").is_file():
         seconds = json.loads((folder / "train_seconds.json").read_text())["seconds"]
-    return load_dictionaries(folder), seconds, {"tokens": cfg.tokens, "expansion": cfg.expansion, "k": cfg.k}
+    return load_dictionaries(folder), seconds, {"tokens": cfg.tokens, "expansion": cfg.coder.expansion, "k": cfg.coder.k}
 
 
 def error_share(rm: ReplacementModel, ds) -> dict[str, float]:

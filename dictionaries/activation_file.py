@@ -130,9 +130,9 @@ class TensorBatches:
 def train_on_activations(acts: ActivationFile, cfg: TrainConfig, out_dir: str | Path,
                          checkpoint: str | Path | None = None, device: str = "cpu") -> TrainResult:
     """Train one dictionary of ``cfg`` on ``acts`` with the shared loop; save it to ``out_dir/<site id>/``."""
-    needs_model = [name for name, on in (("interaction_penalty", cfg.interaction_penalty > 0),
-                                         ("e2e_kl_coeff", cfg.e2e_kl_coeff > 0), ("activation_cache", cfg.activation_cache))
-                   if on]
+    needs_model = [name for name, on in (("interaction_penalty", cfg.interaction.penalty > 0),
+                                         ("e2e_kl_coeff", cfg.e2e.kl_coeff > 0),
+                                         ("activation_cache", cfg.store.activation_cache)) if on]
     if needs_model:
         raise DictionaryError(f"{', '.join(needs_model)} need(s) the model; an activation file trains without one, "
                               "so leave them at their defaults")
@@ -142,7 +142,7 @@ def train_on_activations(acts: ActivationFile, cfg: TrainConfig, out_dir: str | 
         dcfg = cfg.dictionary_config(acts.site, d_in, d_out, acts.model_name)
     except ValueError as err:
         raise DictionaryError(f"{acts.site.id}: {err}") from err
-    batches = TensorBatches(acts, cfg.batch_tokens, cfg.seed, device)
+    batches = TensorBatches(acts, cfg.store.batch_tokens, cfg.seed, device)
     epochs = cfg.steps / batches.per_epoch
     log.info("training %s on %d rows (%d -> %d) for %d steps, %.2f epochs", acts.site.id, acts.inputs.shape[0],
              d_in, d_out, cfg.steps, epochs)

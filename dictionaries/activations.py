@@ -23,19 +23,18 @@ from dictionaries.token_sources import TokenSource
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """How activations are gathered and batched."""
+    """How activations are gathered and batched (``TrainConfig.store``; the shuffle seed is the run's)."""
 
     batch_tokens: int = 4096
-    """Tokens (rows) per training batch."""
+    """Tokens (rows) per training batch (one optimizer step)."""
     chunk_sequences: int = 256
-    """Sequences per shuffled chunk; a chunk holds ``chunk_sequences * (seq_len - 1)`` tokens."""
+    """Sequences per shuffled activation chunk; a chunk holds chunk_sequences * (seq_len - 1) tokens."""
     model_batch: int = 64
     """Sequences per model forward pass."""
-    seed: int = 0
-    """Shuffle seed."""
-    cache_dir: str = ""
-    """If set, each chunk's activations are saved there as a safetensors shard on first use and
-    read back afterwards (a second run, or a resumed one, skips the model)."""
+    activation_cache: str = ""
+    """Folder for an on-disk activation cache: each chunk's activations are saved there as a
+    safetensors shard on first use and read back afterwards (a second or resumed run skips the
+    model); empty disables it."""
 
     def __post_init__(self) -> None:
         if min(self.batch_tokens, self.chunk_sequences, self.model_batch) <= 0:
@@ -50,12 +49,12 @@ class ActivationStore:
     """Serves ``{hook: [batch_tokens, d]}`` batches for a fixed set of hooks."""
 
     def __init__(self, model: HookedTransformer, hooks: Sequence[str], source: TokenSource,
-                 cfg: StoreConfig = StoreConfig()) -> None:
+                 cfg: StoreConfig = StoreConfig(), seed: int = 0) -> None:
         valid = set(model.hook_dict)
         unknown = [h for h in hooks if h not in valid]
         if unknown:
             raise ValueError(f"hooks {unknown} do not exist in this model; valid hooks look like {sorted(valid)[:3]}")
-        self.model, self.hooks, self.source, self.cfg = model, sorted(set(hooks)), source, cfg
+        self.model, self.hooks, self.source, self.cfg, self.seed = model, sorted(set(hooks)), source, cfg, seed
         self.stop_at = max(_layer_of(h) for h in self.hooks) + 1
         if self.stop_at > model.cfg.n_layers:
             self.stop_at = None
@@ -81,14 +80,14 @@ class ActivationStore:
         return captured
 
     def _shard_meta(self, index: int) -> dict[str, str]:
-        return {"hooks": ",".join(self.hooks), "chunk": str(index), "seed": str(self.cfg.seed),
+        return {"hooks": ",".join(self.hooks), "chunk": str(index), "seed": str(self.seed),
                 "chunk_sequences": str(self.cfg.chunk_sequences), "seq_len": str(self.source.seq_len)}
 
     def chunk(self, index: int) -> dict[str, torch.Tensor]:
         """All (shuffled) activations of chunk ``index`` (from the on-disk cache when present)."""
-        if not self.cfg.cache_dir:
+        if not self.cfg.activation_cache:
             return self._compute_chunk(index)
-        path = Path(self.cfg.cache_dir) / f"chunk_{index:06d}.safetensors"
+        path = Path(self.cfg.activation_cache) / f"chunk_{index:06d}.safetensors"
         if path.is_file():
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -108,7 +107,7 @@ class ActivationStore:
             toks = self.source.sequences(index * cs + start, min(mb, cs - start))
             for hook, act in self.activations(toks).items():
                 parts[hook].append(act)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         acts = {h: torch.cat(p) for h, p in parts.items()}
         perm = torch.randperm(next(iter(acts.values())).shape[0], generator=gen)
         return {h: a[perm.to(a.device)] for h, a in acts.items()}

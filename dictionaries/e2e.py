@@ -11,8 +11,10 @@ model's weights are frozen for the duration (see :func:`frozen_weights`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,22 @@ from transformer_lens import HookedTransformer
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.site import Site
 from dictionaries.splice import splice_hooks
+
+
+@dataclass(frozen=True)
+class EndToEndConfig:
+    """The end-to-end KL term of a training run (``TrainConfig.e2e``; CLI flags ``--e2e-*``)."""
+
+    kl_coeff: float = 0.0
+    """Weight of the KL of the model's next-token predictions with each dictionary spliced in, from
+    the clean ones (0 disables)."""
+    sequences: int = 4
+    """Whole sequences per step on which the term is computed."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.kl_coeff) or self.kl_coeff < 0 or self.sequences <= 0:
+            raise ValueError(f"e2e_kl_coeff must be a finite number >= 0 (got {self.kl_coeff}) and e2e_sequences "
+                             f"positive (got {self.sequences})")
 
 
 @contextmanager

@@ -35,6 +35,7 @@ sites, where the penalised term is precisely the same-position direct edge).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -46,6 +47,38 @@ from dictionaries.architectures.base import SparseDictionary
 from dictionaries.site import ModelHooks, Site
 
 Weighting = Literal["edge", "jacobian", "concentration"]
+
+@dataclass(frozen=True)
+class InteractionConfig:
+    """The interaction-sparsity term of a training run (``TrainConfig.interaction``; CLI flags
+    ``--interaction-*``)."""
+
+    penalty: float = 0.0
+    """Coefficient of the penalty on feature-to-feature interactions of ``pairs`` (0 disables)."""
+    warmup_frac: float = 0.1
+    """Fraction of steps over which the coefficient ramps up from 0."""
+    pairs: str = "adjacent"
+    """Penalised dictionary pairs: adjacent, all, or a comma list WRITER>READER of site ids
+    (e.g. L0.transcoder>L1.transcoder)."""
+    weighting: Weighting = "edge"
+    """edge: L1 of graph edges (latent value x Jacobian entry) of active pairs; jacobian: L1 of the
+    Jacobian entries; concentration: log of the effective number of incoming edges (L1^2 / L2^2)
+    of each active reader latent (scale-free)."""
+    sequences: int = 4
+    """Whole sequences per step on which the penalty is computed (one extra forward)."""
+    keys: int = 8
+    """Attention (attn_z reader) pairs: keys per query, those with the most attention, penalised."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.penalty) or self.penalty < 0:
+            raise ValueError(f"interaction_penalty={self.penalty} must be a finite number >= 0")
+        if not 0 <= self.warmup_frac <= 1:
+            raise ValueError(f"interaction_warmup_frac={self.warmup_frac} must lie in [0, 1]")
+        if self.sequences <= 0 or self.keys <= 0:
+            raise ValueError("interaction_sequences and interaction_keys must be positive")
+        if self.weighting not in ("edge", "jacobian", "concentration"):
+            raise ValueError(f"interaction_weighting must be edge, jacobian or concentration, got {self.weighting!r}")
+
 
 _READERS = ("resid_pre", "resid_mid", "resid_post", "transcoder", "mlp_out", "attn_z")
 _WRITERS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "transcoder", "attn_z", "mlp_post")

@@ -16,9 +16,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -29,12 +29,12 @@ from dictionaries.activations import ActivationStore, StoreConfig
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.architectures.registry import build_dictionary
 from dictionaries.checkpoint import restore_training_state, save_training_state
-from dictionaries.config import Architecture, DictionaryConfig
+from dictionaries.config import CoderConfig, DictionaryConfig, from_flat, to_flat
 from dictionaries.cross_layer import CLT_ARCHS, check_clt_sites, clt_losses, clt_sites, initialise_clt
 from dictionaries.determinism import deterministic
-from dictionaries.e2e import e2e_kl, frozen_weights
+from dictionaries.e2e import EndToEndConfig, e2e_kl, frozen_weights
 from dictionaries.errors import DictionaryError
-from dictionaries.interactions import InteractionPenalty, parse_pairs
+from dictionaries.interactions import InteractionConfig, InteractionPenalty, parse_pairs
 from dictionaries.persistence import save_dictionaries
 from dictionaries.site import Site
 from dictionaries.stepper import DictionaryStepper
@@ -45,110 +45,80 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one multi-dictionary training run (the CLI flags are generated from these)."""
+    """Settings of one multi-dictionary training run, composed of the configs of its parts (the CLI
+    flags are generated from these: a nested field's flags carry the prefix ``FLAT_PREFIX`` names,
+    e.g. ``--k`` for ``coder.k`` and ``--interaction-penalty`` for ``interaction.penalty``).
+    :meth:`of` builds one from those flat names."""
 
-    arch: Architecture = "topk"
-    """Architecture of every dictionary: relu, gated, topk, batchtopk or jumprelu."""
-    expansion: int = 8
-    """Latents per input dimension (d_dict = expansion * d_in)."""
-    k: int = 16
-    """Active latents per token (topk, batchtopk)."""
-    l1_coeff: float = 5.0
-    """L1 coefficient (relu, gated)."""
-    l0_coeff: float = 0.5
-    """L0 coefficient (jumprelu)."""
-    sparsity_warmup_frac: float = 0.05
-    """Fraction of steps over which the L1/L0 coefficient ramps up from 0."""
-    aux_coeff: float = 1.0
-    """AuxK loss weight (topk, batchtopk)."""
-    dead_after_tokens: int = 100_000
-    """Tokens without firing after which a latent counts as dead."""
-    transcoder_skip: bool = False
-    """Give transcoders a linear skip connection."""
+    FLAT_PREFIX: ClassVar[dict[str, str]] = {"coder": "", "store": "", "interaction": "interaction_", "e2e": "e2e_"}
+
+    coder: CoderConfig = field(default_factory=CoderConfig)
+    """What every dictionary is: architecture, width, sparsity settings (flags --arch, --k, ...)."""
+    store: StoreConfig = field(default_factory=StoreConfig)
+    """How activations are gathered and batched (flags --batch-tokens, --chunk-sequences, ...)."""
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    """The optional interaction-sparsity term (flags --interaction-*)."""
+    e2e: EndToEndConfig = field(default_factory=EndToEndConfig)
+    """The optional end-to-end KL term (flags --e2e-*)."""
     tokens: int = 2_000_000
     """Training tokens per dictionary (accepts 2M, 500k)."""
-    batch_tokens: int = 4096
-    """Tokens per optimizer step."""
     lr: float = 4e-3
     """Peak Adam learning rate."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up steps."""
     decay_frac: float = 0.2
     """Fraction of steps, at the end, over which the learning rate decays linearly to 0."""
+    sparsity_warmup_frac: float = 0.05
+    """Fraction of steps over which the L1/L0 coefficient ramps up from 0."""
     grad_clip: float = 1.0
     """Clip each dictionary's gradient to this global norm before every Adam step (0 disables).
     Losses live in the scaled space, so one value fits every site. Early gradients are large; left
-    unclipped they inflate Adam's second-moment estimate (a memory of ~1000 steps) and slow every
-    later step: on L2.resid_post, 97 steps, clipping at 1 lowers the held-out FVU 0.067 -> 0.063."""
+    unclipped they inflate Adam's second-moment estimate and slow every later step
+    (docs/benchmarks.md measures the effect)."""
     resample_every: int = 0
     """Resample dead latents every this many steps (relu, gated); 0 disables."""
-    chunk_sequences: int = 256
-    """Sequences per shuffled activation chunk."""
-    model_batch: int = 64
-    """Sequences per model forward."""
-    activation_cache: str = ""
-    """Folder for an on-disk activation cache (safetensors shards); empty disables it."""
     seed: int = 0
     """Seed of initialisation and data order."""
     checkpoint_every: int = 100
     """Steps between atomic checkpoints."""
-    interaction_penalty: float = 0.0
-    """Coefficient of the L1 penalty on feature-to-feature interactions of ``interaction_pairs``
-    (0 disables; see dictionaries/interactions.py)."""
-    interaction_warmup_frac: float = 0.1
-    """Fraction of steps over which the interaction coefficient ramps up from 0."""
-    interaction_pairs: str = "adjacent"
-    """Penalised dictionary pairs: adjacent, all, or a comma list WRITER>READER of site ids
-    (e.g. L0.transcoder>L1.transcoder)."""
-    interaction_weighting: Literal["edge", "jacobian", "concentration"] = "edge"
-    """edge: L1 of graph edges (latent value x Jacobian entry) of active pairs; jacobian: L1 of the
-    Jacobian entries; concentration: log of the effective number of incoming edges (L1^2 / L2^2)
-    of each active reader latent (scale-free)."""
-    interaction_sequences: int = 4
-    """Whole sequences per step on which the interaction penalty is computed (one extra forward)."""
-    interaction_keys: int = 8
-    """Attention (attn_z reader) pairs: keys per query, those with the most attention, penalised."""
-    e2e_kl_coeff: float = 0.0
-    """Weight of the end-to-end term: KL of the model's next-token predictions with each dictionary
-    spliced in, from the clean ones (0 disables; see dictionaries/e2e.py)."""
-    e2e_sequences: int = 4
-    """Whole sequences per step on which the end-to-end KL term is computed."""
 
     def __post_init__(self) -> None:
-        for name in ("expansion", "k", "tokens", "batch_tokens", "chunk_sequences", "model_batch", "checkpoint_every",
-                     "dead_after_tokens"):
+        for name in ("tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("lr", "l1_coeff", "l0_coeff", "aux_coeff", "grad_clip", "interaction_penalty", "e2e_kl_coeff",
-                     "decay_frac", "sparsity_warmup_frac", "interaction_warmup_frac"):
+        for name in ("lr", "grad_clip", "decay_frac", "sparsity_warmup_frac"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
-        if min(self.l1_coeff, self.l0_coeff, self.aux_coeff) < 0 or self.warmup_steps < 0 or self.resample_every < 0:
-            raise ValueError("l1_coeff, l0_coeff, aux_coeff, warmup_steps and resample_every must be >= 0")
-        if self.tokens < self.batch_tokens:
-            raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_tokens}); train on more tokens")
-        if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac, self.interaction_warmup_frac)):
-            raise ValueError("decay_frac, sparsity_warmup_frac and interaction_warmup_frac must lie in [0, 1]")
+        if self.warmup_steps < 0 or self.resample_every < 0:
+            raise ValueError("warmup_steps and resample_every must be >= 0")
+        if self.tokens < self.store.batch_tokens:
+            raise ValueError(f"tokens={self.tokens} is less than one batch ({self.store.batch_tokens}); train on "
+                             "more tokens")
+        if not all(0 <= f <= 1 for f in (self.decay_frac, self.sparsity_warmup_frac)):
+            raise ValueError("decay_frac and sparsity_warmup_frac must lie in [0, 1]")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} is negative; pass a positive norm, or 0 to disable clipping")
-        if self.e2e_kl_coeff < 0 or self.e2e_sequences <= 0:
-            raise ValueError("e2e_kl_coeff must be >= 0 and e2e_sequences positive")
-        if self.interaction_penalty < 0 or self.interaction_sequences <= 0 or self.interaction_keys <= 0:
-            raise ValueError("interaction_penalty must be >= 0, interaction_sequences and interaction_keys positive")
+
+    @classmethod
+    def of(cls, **settings: Any) -> TrainConfig:
+        """A config from flat setting names (the CLI's, with ``_``): ``TrainConfig.of(arch="topk",
+        k=8, tokens=200_000, interaction_penalty=1.0)``."""
+        return from_flat(cls, settings)
+
+    def replace(self, **settings: Any) -> TrainConfig:
+        """A copy with some flat settings changed (``cfg.replace(k=32, e2e_kl_coeff=10.0)``)."""
+        return from_flat(TrainConfig, {**to_flat(self), **settings})
 
     @property
     def steps(self) -> int:
-        return self.tokens // self.batch_tokens
+        return self.tokens // self.store.batch_tokens
 
     def dictionary_config(self, site: Site, d_in: int, d_out: int, model_name: str) -> DictionaryConfig:
-        return DictionaryConfig(
-            arch=self.arch, d_in=d_in, d_dict=self.expansion * d_in, d_out=d_out if d_out != d_in else 0,
-            k=self.k, l1_coeff=self.l1_coeff, l0_coeff=self.l0_coeff, aux_coeff=self.aux_coeff,
-            dead_after_tokens=self.dead_after_tokens, skip=self.transcoder_skip and site.is_transcoder,
-            out_layers=d_out // d_in if site.is_cross_layer else 1, site=site.id, model_name=model_name,
-        )
+        """The config of the dictionary at ``site`` (widths ``d_in -> d_out``)."""
+        return self.coder.dictionary_config(d_in, d_out, site.id, model_name, transcoder=site.is_transcoder,
+                                            out_layers=d_out // d_in if site.is_cross_layer else 1)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -211,13 +181,12 @@ def train_dictionaries(
         check_clt_sites(sites, model.cfg.n_layers)
     except ValueError as err:
         raise DictionaryError(str(err)) from err
-    if any(s.is_cross_layer for s in sites) and cfg.arch not in CLT_ARCHS:
-        raise DictionaryError(f"cross-layer transcoders train with --arch {', '.join(CLT_ARCHS)}, not {cfg.arch}")
+    if any(s.is_cross_layer for s in sites) and cfg.coder.arch not in CLT_ARCHS:
+        raise DictionaryError(f"cross-layer transcoders train with --arch {', '.join(CLT_ARCHS)}, not {cfg.coder.arch}")
     ckpt_path = Path(checkpoint) if checkpoint else Path(out_dir) / "train_checkpoint.safetensors"
     penalty = _interaction_penalty(model, sites, cfg)
     hooks = sorted({h for s in sites for h in (s.input_hook, s.output_hook)})
-    store = ActivationStore(model, hooks, source, StoreConfig(cfg.batch_tokens, cfg.chunk_sequences, cfg.model_batch, cfg.seed,
-                                                              cfg.activation_cache))
+    store = ActivationStore(model, hooks, source, cfg.store, seed=cfg.seed)
     dicts: dict[Site, SparseDictionary] = {}
     for i, site in enumerate(sites):
         d_in, d_out = site.widths(model.cfg)
@@ -290,41 +259,41 @@ def run_training(dicts: dict[Site, SparseDictionary], batches: Callable[[int], I
     seconds = time.time() - t0
     if distributed.is_main():
         save_dictionaries(dicts, out_dir)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out_dir / "train_config.json").write_text(json.dumps(to_flat(cfg), indent=2) + "\n")  # the CLI flag names
         if ckpt_path.is_file():
             ckpt_path.unlink()
     distributed.barrier()
     log.info("trained %d dictionaries for %d steps in %.1f s", len(dicts), cfg.steps - start, seconds)
-    return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.batch_tokens)
+    return TrainResult(dicts, seconds, (cfg.steps - start) * cfg.store.batch_tokens)
 
 
 def _model_terms(model: HookedTransformer, source: TokenSource, penalty: InteractionPenalty | None, cfg: TrainConfig,
                  ckpt_path: Path) -> ExtraLoss | None:
     """The interaction penalty and the end-to-end KL term (both need the model), or ``None``."""
-    if penalty is None and cfg.e2e_kl_coeff == 0:
+    if penalty is None and cfg.e2e.kl_coeff == 0:
         return None
 
     def terms(step: int, dicts: dict[Site, SparseDictionary]) -> tuple[torch.Tensor, dict[str, str]]:
         total, postfix = torch.zeros((), device=model.cfg.device), {}
         if penalty is not None:
             rank, world = distributed.world()
-            n_seq = cfg.interaction_sequences
+            n_seq = cfg.interaction.sequences
             inter = penalty(dicts, penalty.capture(source.sequences((step * world + rank) * n_seq, n_seq))).total()
             if not torch.isfinite(inter):
                 raise DictionaryError(f"the interaction penalty became {inter.item()} at step {step}; lower "
                                       f"interaction_penalty or the learning rate. The last good checkpoint {ckpt_path} is intact")
-            ramp = min(1.0, (step + 1) / max(1, cfg.interaction_warmup_frac * cfg.steps))
-            total = total + cfg.interaction_penalty * ramp * inter
+            ramp = min(1.0, (step + 1) / max(1, cfg.interaction.warmup_frac * cfg.steps))
+            total = total + cfg.interaction.penalty * ramp * inter
             postfix["inter"] = f"{inter.item():.3g}"
-        if cfg.e2e_kl_coeff > 0:
+        if cfg.e2e.kl_coeff > 0:
             rank, world = distributed.world()
             with frozen_weights(model):
-                kl = sum(e2e_kl(model, dicts, source.sequences((step * world + rank) * cfg.e2e_sequences,
-                                                                cfg.e2e_sequences)).values()) / len(dicts)
+                kl = sum(e2e_kl(model, dicts, source.sequences((step * world + rank) * cfg.e2e.sequences,
+                                                                cfg.e2e.sequences)).values()) / len(dicts)
             if not torch.isfinite(kl):
                 raise DictionaryError(f"the end-to-end KL term became {kl.item()} at step {step}; lower e2e_kl_coeff "
                                       f"or the learning rate. The last good checkpoint {ckpt_path} is intact")
-            total = total + cfg.e2e_kl_coeff * len(dicts) * kl
+            total = total + cfg.e2e.kl_coeff * len(dicts) * kl
             postfix["KL"] = f"{kl.item():.3g}"
         return total, postfix
 
@@ -332,19 +301,19 @@ def _model_terms(model: HookedTransformer, source: TokenSource, penalty: Interac
 
 
 def _interaction_penalty(model: HookedTransformer, sites: Sequence[Site], cfg: TrainConfig) -> InteractionPenalty | None:
-    if cfg.interaction_penalty == 0:
+    if cfg.interaction.penalty == 0:
         return None
     if any(s.is_cross_layer for s in sites):
         raise DictionaryError("the interaction penalty does not support cross-layer transcoder (clt) sites; "
                               "train them without --interaction-penalty")
     try:
-        pairs = parse_pairs(cfg.interaction_pairs, sites)
+        pairs = parse_pairs(cfg.interaction.pairs, sites)
     except ValueError as err:
         raise DictionaryError(str(err)) from err
     if not pairs:
         raise DictionaryError(
-            f"interaction_penalty is set but interaction_pairs={cfg.interaction_pairs!r} gives no pair among "
+            f"interaction_penalty is set but interaction_pairs={cfg.interaction.pairs!r} gives no pair among "
             f"{', '.join(s.id for s in sites)}; readers are resid_*, transcoder and mlp_out dictionaries after a writer"
         )
-    log.info("interaction penalty %.3g on %d pairs: %s", cfg.interaction_penalty, len(pairs), ", ".join(p.id for p in pairs))
-    return InteractionPenalty(model, pairs, cfg.interaction_weighting, cfg.interaction_keys)
+    log.info("interaction penalty %.3g on %d pairs: %s", cfg.interaction.penalty, len(pairs), ", ".join(p.id for p in pairs))
+    return InteractionPenalty(model, pairs, cfg.interaction.weighting, cfg.interaction.keys)

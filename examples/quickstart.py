@@ -31,7 +31,7 @@ def main() -> None:
     log.info("task metrics: %s", evaluate_tasks(model, n=100))
 
     sites = [Site(1, "resid_post"), Site(1, "transcoder")]
-    cfg = TrainConfig(arch="topk", k=16, expansion=4, tokens=200_000)
+    cfg = TrainConfig.of(arch="topk", k=16, expansion=4, tokens=200_000)
     with tempfile.TemporaryDirectory() as out:
         dicts = train_dictionaries(model, sites, ToyCorpus(CorpusConfig(seed=1)), cfg, out).dictionaries
     metrics = evaluate_dictionaries(model, dicts, ToyCorpus(CorpusConfig(seed=12345)).tokens(32))

@@ -33,7 +33,7 @@ def main(out: str | Path = "runs/stories_example", tokens: int = 400_000, n: int
     out = Path(out)
     model = cg.load_model(str(MODEL))
     sites = expand_sites("attn_z,transcoder", "all", model.cfg.n_layers)
-    cfg = TrainConfig(arch="topk", k=8, expansion=2, tokens=tokens, batch_tokens=1024)
+    cfg = TrainConfig.of(arch="topk", k=8, expansion=2, tokens=tokens, batch_tokens=1024)
     text = ModelSampledTokens(model, seq_len=64, seed=1)
     dicts = train_dictionaries(model, sites, text, cfg, out / "dicts").dictionaries
     data = cg.PromptDataset.from_task("story_names", model, n=n + n_eval, seed=0)

@@ -12,7 +12,7 @@ from dictionaries import distributed  # noqa: E402
 from dictionaries.site import Site  # noqa: E402
 from dictionaries.training import TrainConfig, train_dictionaries  # noqa: E402
 
-CFG = TrainConfig(arch="topk", k=8, expansion=2, tokens=512 * 6, batch_tokens=512, chunk_sequences=24,
+CFG = TrainConfig.of(arch="topk", k=8, expansion=2, tokens=512 * 6, batch_tokens=512, chunk_sequences=24,
                   model_batch=8, checkpoint_every=100, warmup_steps=2)
 SITES = [Site(1, "resid_post"), Site(1, "transcoder"), Site(2, "clt"), Site(3, "clt")]  # clt: joint loss
 

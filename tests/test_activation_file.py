@@ -83,7 +83,7 @@ def test_same_seed_same_weights_and_data_checked_on_resume(tmp_path):
     save_file({"activations": x}, str(tmp_path / "a.safetensors"))
     save_file({"activations": x.flip(0).contiguous()}, str(tmp_path / "b.safetensors"))
     acts = read_activation_file(tmp_path / "a.safetensors", site="L0.mlp_out")
-    cfg = TrainConfig(arch="relu", expansion=2, tokens=8 * 1024, batch_tokens=1024)
+    cfg = TrainConfig.of(arch="relu", expansion=2, tokens=8 * 1024, batch_tokens=1024)
     a = train_on_activations(acts, cfg, tmp_path / "r1").dictionaries[Site(0, "mlp_out")]
     b = train_on_activations(acts, cfg, tmp_path / "r2").dictionaries[Site(0, "mlp_out")]
     assert dictionary_state_equal(a, b)

@@ -57,13 +57,13 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown dictionary config fields"):
         DictionaryConfig.from_dict({"arch": "topk", "d_in": 4, "d_dict": 8, "k": 2, "bogus": 1})
     with pytest.raises(ValueError, match="less than one batch"):
-        TrainConfig(tokens=100, batch_tokens=4096)
+        TrainConfig.of(tokens=100, batch_tokens=4096)
     with pytest.raises(ValueError, match="must lie in"):
-        TrainConfig(decay_frac=2.0)
+        TrainConfig.of(decay_frac=2.0)
     with pytest.raises(ValueError, match="no site kinds given"):
         expand_sites(" , ", "all", 4)
     with pytest.raises(ValueError, match="grad_clip=-1.0 is negative; pass a positive norm, or 0"):
-        TrainConfig(grad_clip=-1.0)
+        TrainConfig.of(grad_clip=-1.0)
     from circuitgraph.attribution.circuit import CircuitConfig
     from circuitgraph.attribution.dataset import DatasetAttributionConfig
 
@@ -74,7 +74,7 @@ def test_config_errors() -> None:
 
 
 def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(default_model, tmp_path, monkeypatch) -> None:
-    cfg = TrainConfig(arch="topk", k=8, expansion=2, tokens=512 * 6, batch_tokens=512, chunk_sequences=24,
+    cfg = TrainConfig.of(arch="topk", k=8, expansion=2, tokens=512 * 6, batch_tokens=512, chunk_sequences=24,
                       model_batch=8, checkpoint_every=2, warmup_steps=2)
     corpus = ToyCorpus(CorpusConfig(seed=1, seq_len=64))
     real = ActivationStore.batches

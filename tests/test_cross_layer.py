@@ -35,7 +35,7 @@ GOLDEN = Path(__file__).with_name("fixtures") / "circuit_tracer_clt"
 @pytest.fixture(scope="module")
 def clt_dicts(default_model, tmp_path_factory):
     """A small BatchTopK CLT at every layer of the embedded model (50 steps of 1,024 tokens)."""
-    cfg = TrainConfig(arch="batchtopk", expansion=2, k=8, tokens=50 * 1024, batch_tokens=1024, chunk_sequences=32,
+    cfg = TrainConfig.of(arch="batchtopk", expansion=2, k=8, tokens=50 * 1024, batch_tokens=1024, chunk_sequences=32,
                       model_batch=16, warmup_steps=5, checkpoint_every=1000)
     out = tmp_path_factory.mktemp("clt")
     sites = expand_sites("clt", "all", default_model.cfg.n_layers)
@@ -205,10 +205,10 @@ def test_clt_refusals(default_model, clt_dicts, tmp_path):
     with pytest.raises(DictionaryError, match="train with --arch batchtopk"):
         save_clt_circuit_tracer(topk, tmp_path / "x")
     with pytest.raises(DictionaryError, match="consecutive"):
-        train_dictionaries(default_model, [Site(1, "clt")], ToyCorpus(), TrainConfig(tokens=4096), tmp_path / "y")
+        train_dictionaries(default_model, [Site(1, "clt")], ToyCorpus(), TrainConfig.of(tokens=4096), tmp_path / "y")
     with pytest.raises(DictionaryError, match="interaction penalty"):
         train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(),
-                           TrainConfig(tokens=4096, interaction_penalty=1.0), tmp_path / "z")
+                           TrainConfig.of(tokens=4096, interaction_penalty=1.0), tmp_path / "z")
 
 
 def test_clt_through_the_cli(tmp_path, capsys):
@@ -298,7 +298,7 @@ def test_clt_beside_attn_z_of_another_width(tmp_path):
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=8, d_mlp=64, n_ctx=16,
                                                       d_vocab=50, act_fn="gelu", normalization_type="LN"))
     tokens = TensorTokens(torch.randint(0, 50, (64, 16)))
-    cfg = TrainConfig(k=4, expansion=2, tokens=8 * 256, batch_tokens=256, chunk_sequences=32, model_batch=16,
+    cfg = TrainConfig.of(k=4, expansion=2, tokens=8 * 256, batch_tokens=256, chunk_sequences=32, model_batch=16,
                       warmup_steps=1, checkpoint_every=1000)
     sites = expand_sites("attn_z,clt", "all", 2)
     dicts = train_dictionaries(model, sites, tokens, cfg, tmp_path / "d").dictionaries
@@ -339,7 +339,7 @@ def test_more_clt_refusals(default_model, clt_dicts, tmp_path):
     from dictionaries.splice import splice_hooks
 
     with pytest.raises(DictionaryError, match="train with --arch topk, batchtopk, relu, jumprelu, not gated"):
-        train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(), TrainConfig(arch="gated",
+        train_dictionaries(default_model, expand_sites("clt", "all", 4), ToyCorpus(), TrainConfig.of(arch="gated",
                                                                                                    tokens=4096), tmp_path)
     with pytest.raises(ValueError, match="pass the whole CLT as group="):
         splice_hooks(Site(1, "clt"), clt_dicts[Site(1, "clt")])

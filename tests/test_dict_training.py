@@ -19,7 +19,7 @@ from dictionaries.site import Site, expand_sites
 from dictionaries.training import TrainConfig, train_dictionaries
 
 SITES = [Site(1, "resid_post"), Site(1, "transcoder"), Site(2, "attn_z"), Site(0, "mlp_out")]
-SMALL = TrainConfig(arch="topk", k=8, expansion=2, tokens=512 * 8, batch_tokens=512, chunk_sequences=24,
+SMALL = TrainConfig.of(arch="topk", k=8, expansion=2, tokens=512 * 8, batch_tokens=512, chunk_sequences=24,
                     model_batch=8, checkpoint_every=2, warmup_steps=2)
 
 
@@ -34,9 +34,9 @@ def test_one_model_pass_feeds_every_dictionary(default_model, tmp_path) -> None:
         train_dictionaries(default_model, SITES, corpus(), SMALL, tmp_path)
     finally:
         handle.remove()
-    per_chunk = SMALL.chunk_sequences * 63 // SMALL.batch_tokens  # 2 batches per chunk
+    per_chunk = SMALL.store.chunk_sequences * 63 // SMALL.store.batch_tokens  # 2 batches per chunk
     chunks = -(-SMALL.steps // per_chunk)
-    assert len(calls) == chunks * (SMALL.chunk_sequences // SMALL.model_batch)
+    assert len(calls) == chunks * (SMALL.store.chunk_sequences // SMALL.store.model_batch)
     assert set(load_dictionaries(tmp_path)) == set(SITES)
 
 
@@ -86,7 +86,7 @@ def test_bad_sites_are_clear_errors(default_model) -> None:
 
 
 def test_trained_dictionaries_reconstruct_and_recover_ce(default_model, tmp_path) -> None:
-    cfg = TrainConfig(arch="topk", k=16, expansion=4, tokens=4096 * 60, batch_tokens=4096, lr=2e-3)
+    cfg = TrainConfig.of(arch="topk", k=16, expansion=4, tokens=4096 * 60, batch_tokens=4096, lr=2e-3)
     dicts = train_dictionaries(default_model, [Site(1, "resid_post"), Site(1, "transcoder")],
                                ToyCorpus(CorpusConfig(seed=1)), cfg, tmp_path).dictionaries
     tokens = ToyCorpus(CorpusConfig(seed=999)).tokens(16)
@@ -178,9 +178,8 @@ def test_dimension_mismatch_on_load(default_model, tmp_path) -> None:
 
 
 def test_activation_cache_gives_identical_training(default_model, tmp_path, monkeypatch) -> None:
-    from dataclasses import replace
 
-    cached = replace(SMALL, activation_cache=str(tmp_path / "cache"))
+    cached = SMALL.replace(activation_cache=str(tmp_path / "cache"))
     first = train_dictionaries(default_model, SITES[:2], corpus(), cached, tmp_path / "a").dictionaries
     shards = sorted((tmp_path / "cache").glob("chunk_*.safetensors"))
     assert len(shards) == 4
@@ -200,12 +199,12 @@ def test_activation_cache_gives_identical_training(default_model, tmp_path, monk
 def test_end_to_end_kl_term_lowers_kl(default_model, tmp_path) -> None:
     """With the e2e KL term in the loss, the spliced model's KL to the clean model is lower
     (held-out text) than with reconstruction alone, same seed and data; the model is untouched."""
-    base = TrainConfig(arch="topk", k=4, expansion=2, tokens=1024 * 30, batch_tokens=1024, chunk_sequences=24,
+    base = TrainConfig.of(arch="topk", k=4, expansion=2, tokens=1024 * 30, batch_tokens=1024, chunk_sequences=24,
                        model_batch=8, checkpoint_every=100, warmup_steps=3, e2e_sequences=8)
     sites = [Site(2, "resid_post")]
     before = [p.detach().clone() for p in default_model.parameters()]
     plain = train_dictionaries(default_model, sites, corpus(), base, tmp_path / "plain").dictionaries
-    e2e = train_dictionaries(default_model, sites, corpus(), TrainConfig(**{**base.__dict__, "e2e_kl_coeff": 10.0}),
+    e2e = train_dictionaries(default_model, sites, corpus(), base.replace(e2e_kl_coeff=10.0),
                              tmp_path / "e2e").dictionaries
     assert all(torch.equal(a, b) and b.requires_grad for a, b in zip(before, default_model.parameters(), strict=True))
     held_out = ToyCorpus(CorpusConfig(seed=4242, seq_len=64)).sequences(0, 24)
@@ -213,4 +212,4 @@ def test_end_to_end_kl_term_lowers_kl(default_model, tmp_path) -> None:
     kl_e2e = evaluate_dictionaries(default_model, e2e, held_out)[sites[0]].kl
     assert kl_e2e < 0.8 * kl_plain, (kl_plain, kl_e2e)
     with pytest.raises(ValueError, match="e2e_kl_coeff"):
-        TrainConfig(e2e_kl_coeff=-1.0)
+        TrainConfig.of(e2e_kl_coeff=-1.0)

@@ -200,7 +200,7 @@ def test_bad_pairs_are_refused(spec: str, message: str) -> None:
         parse_pairs(spec, sites)
 
 
-SMALL = TrainConfig(arch="topk", k=8, expansion=2, tokens=1024 * 40, batch_tokens=1024, chunk_sequences=24,
+SMALL = TrainConfig.of(arch="topk", k=8, expansion=2, tokens=1024 * 40, batch_tokens=1024, chunk_sequences=24,
                     model_batch=8, checkpoint_every=5, warmup_steps=5, interaction_sequences=4)
 
 
@@ -217,7 +217,7 @@ def _mean_interaction(dicts, penalty: InteractionPenalty) -> float:
 def test_penalty_makes_interactions_sparser(default_model, tmp_path) -> None:
     sites = [TC0, TC1]
     plain = train_dictionaries(default_model, sites, _corpus(), SMALL, tmp_path / "plain").dictionaries
-    cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 1.0})
+    cfg = SMALL.replace(interaction_penalty=1.0)
     sparse = train_dictionaries(default_model, sites, _corpus(), cfg, tmp_path / "sparse").dictionaries
     penalty = InteractionPenalty(default_model, parse_pairs("adjacent", sites))
     before, after = _mean_interaction(plain, penalty), _mean_interaction(sparse, penalty)
@@ -227,7 +227,7 @@ def test_penalty_makes_interactions_sparser(default_model, tmp_path) -> None:
 
 
 def test_penalised_run_resumes_to_identical_weights(default_model, tmp_path, monkeypatch) -> None:
-    cfg = TrainConfig(**{**SMALL.__dict__, "tokens": 1024 * 12, "interaction_penalty": 0.5})
+    cfg = SMALL.replace(tokens=1024 * 12, interaction_penalty=0.5)
     straight = train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path / "a").dictionaries
     real = ActivationStore.batches
 
@@ -247,14 +247,14 @@ def test_penalised_run_resumes_to_identical_weights(default_model, tmp_path, mon
 
 
 def test_penalty_without_pairs_is_a_clear_error(default_model, tmp_path) -> None:
-    cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1})
+    cfg = SMALL.replace(interaction_penalty=0.1)
     with pytest.raises(DictionaryError, match="gives no pair"):
         train_dictionaries(default_model, [Site(0, "mlp_post"), Site(1, "mlp_post")], _corpus(), cfg, tmp_path)
-    bad = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.1, "interaction_pairs": "L0.transcoder>L3.transcoder"})
+    bad = SMALL.replace(interaction_penalty=0.1, interaction_pairs="L0.transcoder>L3.transcoder")
     with pytest.raises(DictionaryError, match="not being trained"):
         train_dictionaries(default_model, [TC0, TC1], _corpus(), bad, tmp_path)
     with pytest.raises(ValueError, match="interaction_penalty"):
-        TrainConfig(interaction_penalty=-1.0)
+        TrainConfig.of(interaction_penalty=-1.0)
 
 
 def test_concentration_is_a_scale_free_effective_edge_count(default_model, v1_dicts) -> None:
@@ -305,7 +305,7 @@ def test_bad_penalty_settings_are_refused(default_model) -> None:
     with pytest.raises(ValueError, match="at least one key"):
         InteractionPenalty(default_model, pairs, n_keys=0)
     with pytest.raises(ValueError, match="interaction_sequences"):
-        TrainConfig(interaction_sequences=0)
+        TrainConfig.of(interaction_sequences=0)
 
 
 @pytest.mark.parametrize("term", ["interaction", "e2e"])
@@ -326,7 +326,7 @@ def test_non_finite_extra_term_stops_with_step_and_keeps_checkpoint(default_mode
             return InteractionTerms({k: v * float("nan") for k, v in out.items()}) if calls["n"] == 7 else out
 
         monkeypatch.setattr(InteractionPenalty, "__call__", poisoned)
-        cfg = TrainConfig(**{**SMALL.__dict__, "interaction_penalty": 0.5})
+        cfg = SMALL.replace(interaction_penalty=0.5)
     else:
         real_kl = training.e2e_kl
 
@@ -336,7 +336,7 @@ def test_non_finite_extra_term_stops_with_step_and_keeps_checkpoint(default_mode
             return {k: v * float("nan") for k, v in out.items()} if calls["n"] == 7 else out
 
         monkeypatch.setattr(training, "e2e_kl", poisoned_kl)
-        cfg = TrainConfig(**{**SMALL.__dict__, "e2e_kl_coeff": 1.0})
+        cfg = SMALL.replace(e2e_kl_coeff=1.0)
     with pytest.raises(DictionaryError, match="at step 6.*checkpoint .* is intact"):
         train_dictionaries(default_model, [TC0, TC1], _corpus(), cfg, tmp_path)
     assert load_checkpoint(tmp_path / "train_checkpoint.safetensors").meta["step"] == 5

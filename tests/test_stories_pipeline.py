@@ -43,7 +43,7 @@ def test_story_task_and_circuit(stories, tmp_path):
     res = evaluate_tasks(stories, ["story_names"], n=64)["story_names"]
     assert res["accuracy"] >= 0.75
     sites = [Site(layer, kind) for layer in range(stories.cfg.n_layers) for kind in ("attn_z", "transcoder")]
-    cfg = TrainConfig(tokens=40_000, batch_tokens=1024, k=8, expansion=2)
+    cfg = TrainConfig.of(tokens=40_000, batch_tokens=1024, k=8, expansion=2)
     dicts = train_dictionaries(stories, sites, ModelSampledTokens(stories, seq_len=64, seed=1), cfg, tmp_path / "d").dictionaries
     rm = ReplacementModel(stories, dicts)
     ds = make_dataset("story_names", stories, n=16, seed=0)

@@ -6,7 +6,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from dictionaries.config import flat_fields, from_flat
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -38,35 +40,37 @@ def int_with_suffix(text: str) -> int:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--field-name`` flag per dataclass field, typed and documented from the class."""
-    hints = get_type_hints(cls)
-    docs = _field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    """Add one ``--flat-name`` flag per leaf field of a (possibly nested) config dataclass, typed and
+    documented from the class (flat names: :func:`dictionaries.config.flat_fields`)."""
+    for name, (_, f, owner) in flat_fields(cls).items():
+        if name in skip:
             continue
-        flag = "--" + prefix + f.name.replace("_", "-")
-        hint = hints[f.name]
+        flag = "--" + prefix + name.replace("_", "-")
+        hint = get_type_hints(owner)[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        help_text = f"{_field_docs(owner).get(f.name, '')} (default: {default})"
+        dest = prefix + name
         if hint is bool:
-            parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(hint) is tuple:
             inner = get_args(hint)[0]
-            parser.add_argument(flag, dest=prefix + f.name, type=inner, nargs=len(get_args(hint)), default=None, help=help_text)
+            parser.add_argument(flag, dest=dest, type=inner, nargs=len(get_args(hint)), default=None, help=help_text)
         else:
+            if get_origin(hint) is Union or str(get_origin(hint)).endswith("UnionType"):  # X | None: the X
+                hint = next(a for a in get_args(hint) if a is not type(None))
             choices = get_args(hint) if str(get_origin(hint)).endswith("Literal") else None
             kind = type(choices[0]) if choices else (hint if hint in (int, float, str) else str)
             if kind is int:
                 kind = int_with_suffix
-            parser.add_argument(flag, dest=prefix + f.name, type=kind, choices=choices, default=None, help=help_text)
+            parser.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, help=help_text)
 
 
 def dataclass_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
-    """Build ``cls`` from parsed flags; unset flags keep the dataclass defaults."""
+    """Build ``cls`` (nested configs included) from parsed flags; unset flags keep the defaults."""
     values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(args, prefix + f.name, None)
+    for name in flat_fields(cls):
+        value = getattr(args, prefix + name, None)
         if value is not None:
-            values[f.name] = tuple(value) if isinstance(value, list) else value
+            values[name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)
-    return cls(**values)
+    return from_flat(cls, values)

@@ -1,0 +1,60 @@
+"""CLI flags generated from (nested) config dataclasses: every setting reachable, one default each."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
+from circuitgraph.cli.main import main as cli
+from dictionaries.config import CoderConfig, DictionaryConfig, flat_fields, from_flat, to_flat
+from dictionaries.training import TrainConfig
+
+
+def test_every_nested_setting_has_one_flat_name_and_round_trips():
+    names = flat_fields(TrainConfig)
+    for must in ("arch", "k", "aux_k", "jumprelu_bandwidth", "jumprelu_init_threshold", "batch_tokens",
+                 "activation_cache", "interaction_penalty", "interaction_keys", "e2e_kl_coeff", "e2e_sequences", "seed"):
+        assert must in names, must
+    cfg = TrainConfig.of(k=7, aux_k=5, batch_tokens=512, tokens=2048, interaction_weighting="concentration",
+                         e2e_sequences=2)
+    assert (cfg.coder.k, cfg.coder.aux_k, cfg.store.batch_tokens, cfg.interaction.weighting, cfg.e2e.sequences) == \
+        (7, 5, 512, "concentration", 2)
+    assert from_flat(TrainConfig, to_flat(cfg)) == cfg
+    with pytest.raises(ValueError, match="no setting bogus"):
+        TrainConfig.of(bogus=1)
+
+
+def test_dictionary_defaults_live_in_one_place():
+    dict_defaults = {g.name: g.default for g in dataclasses.fields(DictionaryConfig)
+                     if g.default is not dataclasses.MISSING}
+    shared = [f for f in dataclasses.fields(CoderConfig) if f.name in dict_defaults]
+    assert len(shared) >= 8
+    for f in shared:  # a dictionary built without a setting gets what training would have used
+        assert dict_defaults[f.name] == f.default, f.name
+
+
+def test_parser_from_nested_config_sets_every_part():
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, TrainConfig)
+    args = parser.parse_args(["--arch", "jumprelu", "--jumprelu-bandwidth", "0.1", "--aux-k", "9", "--tokens", "8k",
+                              "--batch-tokens", "1024", "--interaction-penalty", "0.5", "--e2e-kl-coeff", "2"])
+    cfg = dataclass_from_flags(TrainConfig, args)
+    assert cfg.coder.arch == "jumprelu" and cfg.coder.jumprelu_bandwidth == 0.1 and cfg.coder.aux_k == 9
+    assert cfg.tokens == 8000 and cfg.store.batch_tokens == 1024
+    assert cfg.interaction.penalty == 0.5 and cfg.e2e.kl_coeff == 2.0
+    assert dataclass_from_flags(TrainConfig, parser.parse_args([])) == TrainConfig()
+
+
+def test_train_dictionaries_cli_reaches_aux_k_and_jumprelu_settings(tmp_path, capsys):
+    out = tmp_path / "d"
+    code = cli(["train-dictionaries", "--sites", "resid_post", "--layers", "1", "--arch", "jumprelu", "--expansion", "1",
+                "--jumprelu-bandwidth", "0.2", "--jumprelu-init-threshold", "0.01", "--aux-k", "3", "--tokens", "2048",
+                "--batch-tokens", "1024", "--chunk-sequences", "24", "--seq-len", "64", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "L1.resid_post" / "cfg.json").read_text())
+    assert (saved["jumprelu_bandwidth"], saved["jumprelu_init_threshold"], saved["aux_k"]) == (0.2, 0.01, 3)
+    assert json.loads((out / "train_config.json").read_text())["jumprelu_bandwidth"] == 0.2

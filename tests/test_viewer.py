@@ -6,15 +6,16 @@ import json
 import re
 
 import networkx as nx
+import pytest
 import torch
 
 from circuitgraph.cli.main import main
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.graph.pruning import prune_graph
+from circuitgraph.viewer.browser import chrome, find_chromium, open_page
 from circuitgraph.viewer.export import circuit_tracer_json, export_graph
 from circuitgraph.viewer.html import render_html, to_html
-from tests.browser import chrome, open_page
 
 HOSTILE = ['<script>window.cgPwned=1</script>', '"><img src=x onerror="window.cgPwned=2">', "</script><b>x</b>"]
 
@@ -89,6 +90,9 @@ def test_cli_view_and_export(tmp_path, capsys):
 
 
 def test_browser_renders_graph_and_never_runs_markup(tmp_path):
+    pytest.importorskip("selenium")
+    if find_chromium() is None:
+        pytest.skip("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
     driver = chrome()
     try:
         path = to_html(hostile_graph(), tmp_path / "v.html")

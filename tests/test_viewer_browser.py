@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from selenium.webdriver.common.by import By
 
 import circuitgraph as cg
 from circuitgraph.features.descriptions import describe_features
@@ -16,11 +15,14 @@ from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
 from circuitgraph.graph.pruning import prune_graph
 from circuitgraph.toylang.corpus import ToyCorpus
+from circuitgraph.viewer.browser import chrome, find_chromium, mouse_to, open_page, overlapping, page_edges, shown
 from circuitgraph.viewer.html import to_html
 from circuitgraph.viewer.views import DEFAULT_VIEW, view_specs
 from dictionaries.site import Site
-from tests.browser import chrome, mouse_to, open_page, overlapping, page_edges, shown
 
+pytest.importorskip("selenium")
+pytestmark = pytest.mark.skipif(find_chromium() is None, reason="Chromium / chromedriver not found "
+                                "(Debian: apt-get install chromium chromium-driver)")
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
@@ -129,7 +131,7 @@ def test_cards_and_links(driver, graphs):
     open_page(driver, path)
     def click(node_id: str) -> str:
         mouse_to(driver, node_id, click=True)
-        return driver.find_element(By.ID, "cg-card").text
+        return driver.find_element("id", "cg-card").text
 
     text = click("tok@2")
     assert text.startswith("tok@2") and 'token " Mary" at position 2' in text and "activation" not in text
@@ -140,10 +142,10 @@ def test_cards_and_links(driver, graphs):
     card = g.features[f"{g.nodes[feature].site}#{g.nodes[feature].index}"]
     assert text.startswith(fid) and "top-activating contexts" in text and card["promoted"][0][0].strip() in text
     assert "strongest inputs" in text and "strongest outputs" in text
-    link = driver.find_elements(By.CSS_SELECTOR, "#cg-card a")[0]
+    link = driver.find_elements("css selector", "#cg-card a")[0]
     other = link.text.split()[1]
     link.click()
-    assert driver.find_element(By.CSS_SELECTOR, "#cg-card h3").text == other
+    assert driver.find_element("css selector", "#cg-card h3").text == other
 
 
 def test_supernodes_collapse_and_expand(driver, graphs):
@@ -153,7 +155,7 @@ def test_supernodes_collapse_and_expand(driver, graphs):
     ref = prune_graph(g, spec.node_threshold, spec.edge_threshold, max_edges=spec.max_edges)
     members = [n.id for n in ref.nodes if n.site == "L2.transcoder"][:4]
     driver.execute_script("network.selectNodes(arguments[0])", members)
-    driver.find_element(By.ID, "cg-group").click()
+    driver.find_element("id", "cg-group").click()
     sid = driver.execute_script("return nodes.getIds({filter: function (n) { return n.shape === 'hexagon'; }})")
     assert len(sid) == 1
     merged = collapse(ref, [Supernode(sid[0].removeprefix("super:"), members)])
@@ -164,7 +166,7 @@ def test_supernodes_collapse_and_expand(driver, graphs):
     assert all(abs(got[k] - want[k]) <= 1e-3 * abs(want[k]) + 1e-6 for k in want)
     assert overlapping(shown(driver))["nodes"] == []
     assert not {it["id"] for it in shown(driver)} & set(members)
-    driver.find_element(By.XPATH, "//div[@id='cg-group-list']//button[text()='expand']").click()
+    driver.find_element("xpath", "//div[@id='cg-group-list']//button[text()='expand']").click()
     assert set(page_edges(driver)) == {(ref.nodes[s].id, ref.nodes[t].id) for s, t in
                                        zip(ref.sources.tolist(), ref.targets.tolist(), strict=True)}
 
@@ -174,10 +176,10 @@ def test_circuit_page_size_speed_and_header(driver, graphs):
     assert path.stat().st_size <= 1_000_000
     ready_ms = min(open_page(driver, path) for _ in range(2))
     assert ready_ms <= 2000
-    header = driver.find_element(By.ID, "cg-meta").text
+    header = driver.find_element("id", "cg-meta").text
     for key in ("faithfulness", "faithfulness_features_only", "ceiling", "completeness"):
         assert f"{key.replace('_', ' ')} {g.metadata[key]:.3f}" in header
-    assert "node threshold 0.8, edge threshold 0.98" in driver.find_element(By.ID, "cg-view-info").text
+    assert "node threshold 0.8, edge threshold 0.98" in driver.find_element("id", "cg-view-info").text
 
 
 def _big_graph(n_pos: int = 12, per_cell: int = 100, n_edges: int = 100_000) -> Graph:

@@ -1,5 +1,8 @@
-"""Headless Chromium for the viewer tests (Debian ``chromium`` + ``chromium-driver``; ``.ci/run``
-installs them) and what the tests read back from a page."""
+"""A viewer page in headless Chromium, and what it drew, read back from vis-network itself: node
+positions, sizes and label boxes, drawn edges, overlaps; the real mouse on a node. Used by the
+viewer tests and ``benchmarks/make_viewer_screenshots.py``. Needs ``selenium`` (the ``dev`` extra)
+and Chromium with its driver (Debian: ``chromium`` + ``chromium-driver``; ``.ci/run`` installs them).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
+from circuitgraph.errors import CircuitGraphError
 
 SHOWN_JS = """
 var shown = nodes.get({filter: function (n) { return !n.hidden; }});
@@ -24,21 +27,27 @@ REACH = {"star": 1.3, "triangle": 1.16}
 """How far vis-network draws a shape beyond its ``size`` (its star's points, its triangle's apex)."""
 
 
-def chrome(width: int = 1400, height: int = 900):
-    """A headless Chromium driver; the test skips only where Chromium is not installed."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+def find_chromium() -> tuple[str, str] | None:
+    """``(browser, chromedriver)`` paths, or ``None`` when either is missing."""
     binary = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
     driver_bin = shutil.which("chromedriver")
-    if binary is None or driver_bin is None:
-        pytest.skip("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    return (binary, driver_bin) if binary and driver_bin else None
+
+
+def chrome(width: int = 1400, height: int = 900):
+    """A headless Chromium driver with a ``width`` x ``height`` window."""
+    found = find_chromium()
+    if found is None:
+        raise CircuitGraphError("Chromium / chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     opts = Options()
-    opts.binary_location = binary
+    opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={width},{height}"):
         opts.add_argument(a)
-    return webdriver.Chrome(service=Service(driver_bin), options=opts)
+    return webdriver.Chrome(service=Service(found[1]), options=opts)
 
 
 def open_page(driver, path: Path, timeout: float = 30.0) -> float:
@@ -46,7 +55,8 @@ def open_page(driver, path: Path, timeout: float = 30.0) -> float:
     driver.get(Path(path).resolve().as_uri())
     end = time.monotonic() + timeout
     while not driver.execute_script("return window.cgReady === true"):
-        assert time.monotonic() < end, "the viewer never became ready"
+        if time.monotonic() > end:
+            raise CircuitGraphError(f"{path}: the viewer was not ready after {timeout} s")
         time.sleep(0.02)
     return float(driver.execute_script("return window.cgReadyMs"))
 

@@ -42,8 +42,9 @@ _PANEL = """
   <div id="cg-view-info" style="color:#555"></div></div>
  <div><input id="cg-find" placeholder="find node id, e.g. L2.transcoder#12@5" size="32"><button id="cg-go">find</button></div>
  <div id="cg-legend" style="margin:6px 0;line-height:1.5">__LEGEND__</div>
- <div style="margin:6px 0">hover a node: its paths to the output; click: its card.
-  <button id="cg-group">group selected</button> (ctrl-click to select several)<div id="cg-group-list"></div></div>
+ <div style="margin:6px 0">hover a node: its paths to the output; click: its card; ctrl-click several, then
+  <button id="cg-group">group selected</button></div>
+ <details id="cg-groups"><summary id="cg-groups-title">supernodes</summary><div id="cg-group-list"></div></details>
  <div id="cg-card"></div>
 </div>
 <script type="application/json" id="cg-data">__DATA__</script>
@@ -84,13 +85,13 @@ def render_html(g: Graph, max_nodes: int | None = None, title: str = "circuitgra
             first_xy.setdefault(p, (doc["xy"][2 * j], doc["xy"][2 * j + 1]))
     for p, n in enumerate(data["nodes"]):
         x, y = first_xy[p]
-        net.add_node(n["id"], label=n["label"], shape=n["shape"], color=n["color"], size=n["size"], x=x, y=y,
-                     physics=False, hidden=not (n["views"] >> DEFAULT_VIEW & 1),
-                     font={"face": "monospace", "size": n["font"], "color": "#222222"})
+        style = n.pop("style")  # drawn by vis-network only: the page's own table does not repeat it
+        font = {} if n["font"] == FONT_PX else {"font": {"size": n["font"]}}
+        net.add_node(n["id"], label=n["label"], x=x, y=y, hidden=not (n["views"] >> DEFAULT_VIEW & 1), **style, **font)
     net.set_options(json.dumps({
         "physics": {"enabled": False}, "layout": {"improvedLayout": False},
         "interaction": {"hover": True, "multiselect": True, "tooltipDelay": 300},
-        "nodes": {"font": {"face": "monospace", "size": FONT_PX, "color": "#222222"}, "borderWidth": 1},
+        "nodes": {"font": {"face": "monospace", "size": FONT_PX, "color": "#222222"}, "borderWidth": 1, "physics": False},
         "edges": {"smooth": False, "arrows": {"to": {"enabled": True, "scaleFactor": 0.35}}}}))
     page = net.generate_html()
     page = _offline(page)

@@ -34,11 +34,11 @@ LABEL_EM = 1.5
 """Height of a one-line label in font sizes."""
 LABEL_PAD = 4.0
 """Distance of a label from its node."""
-GAP_PX = 14.0
+GAP_PX = 10.0
 """Free space between neighbouring slots, sub-rows and columns."""
-ROW_GAP_PX = 26.0
+ROW_GAP_PX = 16.0
 """Extra space between two depth rows."""
-ASPECT = 1.2
+ASPECT = 1.05
 """Width / height the layout aims for (the graph area of a landscape window)."""
 
 

@@ -52,7 +52,7 @@
     var maxw = list.reduce(function (m, e) { return Math.max(m, Math.abs(e.w)); }, 1e-12);
     list.forEach(function (e) {
       e.base = e.w >= 0 ? '#1e88e5' : '#e53935';
-      e.color = {color: e.base, opacity: 0.55};
+      e.color = {color: e.base, highlight: e.base, hover: e.base, opacity: 0.55};
       e.width = 0.4 + 4.6 * Math.abs(e.w) / maxw;
     });
     nodes.update(N.map(function (n) {
@@ -116,7 +116,7 @@
     }));
     edges.update((L ? L.edges : edges.get()).map(function (e) {
       var on = L === null || (L.anc[e.from] && L.anc[e.to]) || (L.desc[e.from] && L.desc[e.to]);
-      return {id: e.id, color: {color: e.base, opacity: L === null ? 0.55 : (on ? 0.95 : 0.04)}};
+      return {id: e.id, color: {color: e.base, highlight: e.base, hover: e.base, opacity: L === null ? 0.55 : (on ? 0.95 : 0.04)}};
     }));
     window.cgLit = lit === null ? null : Object.keys(lit);
   }
@@ -213,6 +213,8 @@
   function groupList() {
     var box = byId('cg-group-list');
     box.replaceChildren();
+    byId('cg-groups-title').textContent = 'supernodes: ' + S.groups.length + ' (' +
+      S.groups.filter(function (g) { return g.suggested; }).length + ' suggested by graph-neighbourhood similarity)';
     S.groups.forEach(function (g) {
       var row = el('div'), b = el('button', g.collapsed ? 'expand' : 'collapse');
       b.addEventListener('click', function () { collapse(g.name, !g.collapsed); });
@@ -232,6 +234,7 @@
     if (members.length < 2) { byId('cg-card').textContent = 'select two or more nodes (ctrl-click) to group them'; return null; }
     var name = 'group' + (S.groups.length + 1);
     S.groups.push({name: name, members: members, collapsed: true, suggested: false});
+    byId('cg-groups').open = true;
     draw();
     return superId(name);
   }

@@ -54,9 +54,9 @@ def display_label(g: Graph, i: int) -> str:
     if node.kind == "error":
         return "error"
     if node.kind == "logit":
-        return short_label(f"{text.strip() or '#' + str(node.index)} {float(g.target_weights[i]):.2f}")
+        return short_label(f"{text.strip() or '#' + str(node.index)} {float(g.target_weights[i]):.2f}", 18)
     if node.kind == "metric":
-        return short_label(f"{node.name} {float(g.activation[i]):.2f}")
+        return short_label(f"{node.name} {float(g.activation[i]):.2f}", 18)
     if node.kind == "component":
         return short_label(node.site or node.id)
     if node.kind == "supernode":
@@ -66,7 +66,7 @@ def display_label(g: Graph, i: int) -> str:
 
 def node_font(node: Node) -> float:
     """Label font size: the prompt strip and the outputs larger than features."""
-    return {"token": 15.0, "logit": 14.0, "metric": 14.0}.get(node.kind, float(FONT_PX))
+    return {"token": 20.0, "logit": 16.0, "metric": 16.0}.get(node.kind, float(FONT_PX))
 
 
 def node_size(node: Node, influence: float, top: float) -> float:
@@ -125,8 +125,8 @@ def page_data(g: Graph, views: PageViews, title: str, groups: list[tuple[str, li
         nodes.append({"id": node.id, "kind": node.kind, "label": label, "text": g.labels[gi],
                       "act": round(float(g.activation[gi]), 5), "inf": round(float(inf[gi]), 5),
                       "prob": round(float(g.target_weights[gi]), 5), "site": node.site, "pos": node.pos,
-                      "card": card, "views": views.node_views[p], "size": round(size, 2), "font": fonts[-1],
-                      "shape": SHAPES.get(node.kind, "dot"), "color": node_color(node)})
+                      "card": card, "views": views.node_views[p], "font": fonts[-1],
+                      "style": {"shape": SHAPES.get(node.kind, "dot"), "color": node_color(node), "size": round(size, 2)}})
     edges: list = []
     for q, ge in enumerate(views.edge_index):
         edges += [page_of[int(g.sources[ge])], page_of[int(g.targets[ge])], float(f"{float(g.weights[ge]):.4g}"),
@@ -135,7 +135,7 @@ def page_data(g: Graph, views: PageViews, title: str, groups: list[tuple[str, li
     for v, spec in enumerate(views.specs):
         members = views.nodes_of(v)
         lay = layout([g.nodes[views.node_index[p]] for p in members], [labels[p] for p in members],
-                     [sizes[p] * REACH.get(nodes[p]["shape"], 1.0) for p in members], [fonts[p] for p in members],
+                     [sizes[p] * REACH.get(nodes[p]["style"]["shape"], 1.0) for p in members], [fonts[p] for p in members],
                      [-float(inf[views.node_index[p]]) for p in members])
         xy: list[int] = []
         for j in range(len(members)):
@@ -146,7 +146,12 @@ def page_data(g: Graph, views: PageViews, title: str, groups: list[tuple[str, li
                           "cols": [[round(x), t] for x, t in lay.columns], "left": round(lay.left),
                           "bottom": round(lay.bottom)})
     wanted = {n["card"] for n in nodes if n["card"]}
-    meta = g.metadata
+    meta = dict(g.metadata)
+    if g.n_edges and "replacement_score" not in meta and any(n.kind == "token" for n in g.nodes):
+        from circuitgraph.graph.pruning import scores_of
+
+        scores = scores_of(g)  # a prompt graph: how much of it tokens, not errors, explain
+        meta.update(replacement_score=scores.replacement, completeness_score=scores.completeness)
     summary = f"{title}: {g.n_nodes} nodes, {g.n_edges} edges" + honest_numbers(meta)
     return {"title": title, "summary": summary, "prompt": meta.get("prompt") if isinstance(meta.get("prompt"), str)
             else None, "nodes": nodes, "edges": edges, "views": view_docs, "default_view": DEFAULT_VIEW,

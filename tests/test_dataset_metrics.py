@@ -301,3 +301,14 @@ def test_cli_prompt_metric_refusals(tmp_path, capsys, extra, message):
             "--out", str(tmp_path / "g")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_held_out_split_never_selects_on_a_held_out_prompt(default_model, rows):
+    from circuitgraph.tasks.files import split_held_out
+
+    ds = dataset_from_rows(rows + rows[:3], default_model).dataset  # three prompts occur twice
+    select, held = split_held_out(ds, 4, seed=1)
+    assert not set(select.prompts) & set(held.prompts) and len(held) == 4
+    assert len(select) == sum(p not in set(held.prompts) for p in ds.prompts) < len(ds) - 4  # repeats dropped
+    with pytest.raises(TaskError, match="every selection row repeats a held-out prompt"):
+        split_held_out(dataset_from_rows([rows[0]] * 4, default_model).dataset, 2, seed=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +37,8 @@ from circuitgraph.tasks.dataset import (
     check_token_ids,
     single_token_id,
 )
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "prompt_ids", "answer", "answer_ids", "wrong", "wrong_ids", "corrupted_prompt",
           "corrupted_prompt_ids", "targets")
@@ -228,11 +231,22 @@ def dataset_from_file(path: str | Path, model: HookedTransformer, metric: Metric
 
 
 def split_held_out(ds: TaskDataset, n_eval: int, seed: int) -> tuple[TaskDataset, TaskDataset | None]:
-    """Rows shuffled with ``seed``; the last ``n_eval`` held out for evaluation, the rest select."""
+    """Rows shuffled with ``seed``; the last ``n_eval`` held out for evaluation, the rest select.
+    A prompt may occur in several rows: selection rows repeating a held-out prompt are dropped
+    (held-out prompts never select the circuit)."""
     if n_eval == 0:
         return ds, None
     if len(ds) < 2 or n_eval >= len(ds):
         raise TaskError(f"the prompt file has {len(ds)} rows; holding out {n_eval} leaves none to select the circuit "
                         f"with. Pass --eval-n {max(0, len(ds) // 2)} (or 0 to evaluate on the selection rows)")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
-    return ds.subset(perm[: len(ds) - n_eval]), ds.subset(perm[len(ds) - n_eval:])
+    select, held = ds.subset(perm[: len(ds) - n_eval]), ds.subset(perm[len(ds) - n_eval:])
+    seen = set(held.prompts)
+    keep = torch.tensor([p not in seen for p in select.prompts])
+    if not bool(keep.all()):
+        if not bool(keep.any()):
+            raise TaskError("every selection row repeats a held-out prompt; the rows repeat their prompts, give more "
+                            "distinct rows")
+        log.info("%d selection rows repeat a held-out prompt and are dropped", int((~keep).sum()))
+        select = select.subset(keep.nonzero().squeeze(1))
+    return select, held

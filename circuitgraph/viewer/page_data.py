@@ -1,8 +1,9 @@
 """What a viewer page carries, as one JSON document (read by ``page.js``).
 
 * ``nodes``: the page's node table (every node some view shows): id, kind, displayed label, full
-  label, value, influence, probability (logits), site, position, the key of its feature card, and a
-  bit mask of the views that show it;
+  label, value, influence, probability (logits), site, position, label font size, the key of its
+  feature card, a bit mask of the views that show it, and its ``style`` (shape, colour, size), which
+  :func:`circuitgraph.viewer.html.render_html` hands to vis-network and removes from the table;
 * ``edges``: a flat list ``[source, target, weight, views, ...]`` over page node indices;
 * ``views``: per view its pruning (thresholds, edge cap), its node and edge counts, the canvas
   position of each of its nodes (``xy``, flat, in page node order) and the guides drawn beside them;

@@ -302,3 +302,32 @@ def test_component_circuits_agree_for_left_and_right_padding(default_model):
         removed[3, 0] = True
         assert ra.metric(removed) == pytest.approx(la.metric(removed), abs=1e-4)
         assert abs(ra.metric(removed) - ra.metric(torch.zeros_like(removed))) > 1e-3
+
+
+def test_kl_metric_edges_add_up_along_the_leaves_path(linear_rm):
+    """KL is flat at the clean run, so its incoming edges take the gradient with every leaf halfway to
+    its baseline: for a near-quadratic KL (one token corrupted) they add up to m(clean) - m(every leaf
+    at its baseline), measured by a real run. The same KL scored at the clean run gives 0."""
+    from circuitgraph.tasks.metrics import kl_divergence
+
+    rows = [r._replace(corrupted=r.clean[:3] + [r.clean[3] % 11 + 1] + r.clean[4:]) for r in _rows([6, 5, 7, 6], 2)]
+    ds = build_from_rows("kl", rows, linear_rm.model, "kl", "left")
+    cfg = DatasetAttributionConfig(progress=False, reduce="sum")
+    sc = score_nodes(linear_rm, ds, cfg)
+    nodes = [DatasetNode(s, f) for s in (UP, DOWN) for f in range(8)] + [DatasetNode(UP, None), DatasetNode(DOWN, None)]
+    _, metric_edges = score_edges(linear_rm, nodes, sc, cfg)
+    v = sc.runs.batches[0]
+    with torch.no_grad():
+        every_leaf_at_base = metric_of(linear_rm.run(v.ds.clean_tokens, SpliceSpec(latents=v.corr_latents,
+                                                                                     errors=v.corr_errors),
+                                                     attention_mask=v.ds.attention_mask).logits, v.ds).sum()
+    assert float(every_leaf_at_base) > 0.5
+    assert float(metric_edges.sum()) == pytest.approx(-float(every_leaf_at_base), rel=0.01)
+
+    def kl_at_clean(logits, batch):
+        at = logits[torch.arange(len(batch)), batch.answer_pos]
+        return kl_divergence(batch.reference_logprobs[:, 0].to(at.dtype), at)
+
+    flat = score_nodes(linear_rm, ds.with_metric(kl_at_clean), cfg)
+    _, flat_edges = score_edges(linear_rm, nodes, flat, cfg)
+    assert float(flat_edges.abs().max()) < 1e-9

@@ -236,19 +236,9 @@ def score_edges(rm: ReplacementModel, nodes: list[DatasetNode], scores: NodeScor
         err_leaf = {s: v.clean_errors[s].clone().requires_grad_(True) for s in sites}
         with torch.enable_grad():
             run = run_batch(rm, v.ds, SpliceSpec(latents=lat_leaf, errors=err_leaf, record_active_values=True))
-            if flat_at_clean(v.ds):  # the metric's direct gradient with every leaf halfway to its baseline
-                mid = {s: ((v.clean_latents[s] + base_lat[s]) / 2).requires_grad_(True) for s in sites}
-                mid_e = {s: ((v.clean_errors[s] + base_err[s]) / 2).requires_grad_(True) for s in sites}
-                m_mid = metric_of(run_batch(rm, v.ds, SpliceSpec(latents=mid, errors=mid_e)).logits, v.ds).sum()
-                g = torch.autograd.grad(m_mid, [*mid.values(), *mid_e.values()], allow_unused=True)
-                g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [*mid.values(), *mid_e.values()],
-                                                                                 strict=True)]
-                metric_row = _per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v, base_lat, base_err,
-                                       scores.resolved)
-                outs = []
-            else:
-                metric_row = None
-                outs = [metric_of(run.logits, v.ds).sum()]
+            metric_row = _midpoint_metric_row(rm, nodes, v, base_lat, base_err, scores.resolved) \
+                if flat_at_clean(v.ds) else None
+            outs = [] if metric_row is not None else [metric_of(run.logits, v.ds).sum()]
             for i in targets:
                 r = nodes[i]
                 active = (v.clean_latents[r.site][..., r.feature] > 0).float() * v.mask
@@ -270,6 +260,22 @@ def score_edges(rm: ReplacementModel, nodes: list[DatasetNode], scores: NodeScor
     edges, metric_edges = sum_across_ranks(edges), sum_across_ranks(metric_edges)
     div = runs.n_prompts if cfg.reduce == "mean" else 1
     return edges / div, metric_edges / div
+
+
+def _midpoint_metric_row(rm: ReplacementModel, nodes: list[DatasetNode], v: BatchRun, base_lat: dict[Site, torch.Tensor],
+                         base_err: dict[Site, torch.Tensor], resolved: bool) -> torch.Tensor:
+    """``[1, n]`` the nodes' direct edges into a metric flat at the clean run: its gradient with every
+    leaf halfway between its baseline and clean values, times (clean - baseline)."""
+    sites = rm.sites
+    mid = [((v.clean_latents[s] + base_lat[s]) / 2).requires_grad_(True) for s in sites]
+    mid += [((v.clean_errors[s] + base_err[s]) / 2).requires_grad_(True) for s in sites]
+    spec = SpliceSpec(latents=dict(zip(sites, mid[: len(sites)], strict=True)),
+                      errors=dict(zip(sites, mid[len(sites):], strict=True)))
+    with torch.enable_grad():
+        m = metric_of(run_batch(rm, v.ds, spec).logits, v.ds).sum()
+        g = torch.autograd.grad(m, mid, allow_unused=True)
+    g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, mid, strict=True)]
+    return _per_node([gi.unsqueeze(0) for gi in g], nodes, sites, v, base_lat, base_err, resolved)
 
 
 def _per_node(g: list[torch.Tensor], nodes: list[DatasetNode], sites: list[Site], v: BatchRun,

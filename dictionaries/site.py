@@ -203,6 +203,11 @@ class ModelHooks:
         return f"blocks.{layer}.attn.hook_pattern"
 
     @staticmethod
+    def attn_scores(layer: int) -> str:
+        """Pre-softmax attention scores ``[B, H, Pq, Pk]`` (masked entries ``-inf``)."""
+        return f"blocks.{layer}.attn.hook_attn_scores"
+
+    @staticmethod
     def ln_scale(layer: int, which: Literal["ln1", "ln2"]) -> str:
         """Normalisation scale of ``ln1`` (attention input) or ``ln2`` (MLP input)."""
         return f"blocks.{layer}.{which}.hook_scale"

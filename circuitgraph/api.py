@@ -20,7 +20,6 @@ from the same dataclasses, so every default lives in one place.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,9 +32,10 @@ from circuitgraph.attribution.targets import MetricTarget
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
 from circuitgraph.replacement.model import ReplacementModel
-from circuitgraph.tasks.dataset import TaskDataset
+from circuitgraph.tasks.dataset import Metric, TaskDataset
 from circuitgraph.tasks.prompts import PromptDataset
 from dictionaries.architectures.base import SparseDictionary
+from dictionaries.config import flat_fields, from_flat
 from dictionaries.site import Site, expand_sites
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def load_dictionaries(spec: str | Path = "default", model: HookedTransformer | N
 
 
 def replacement_model(model: HookedTransformer, dicts: Mapping[Site, SparseDictionary], sites: str | None = None,
-                      layers: str = "all", source: str = "the dictionaries") -> ReplacementModel:
+                      layers: str = "all", source: str = "the dictionary set") -> ReplacementModel:
     """``model`` with the dictionaries of ``dicts`` spliced in. ``sites``: the site kinds to splice
     (``attn_z,transcoder``; default every kind in ``dicts``, which must then hold one dictionary per
     output hook); ``layers``: ``all``, ``0,2`` or ``1-3``."""
@@ -95,11 +95,11 @@ def replacement_model(model: HookedTransformer, dicts: Mapping[Site, SparseDicti
             by_output.setdefault(s.output_hook, []).append(s.id)
         clash = sorted(v for v in by_output.values() if len(v) > 1)
         if clash:
-            raise CircuitGraphError(f"{source} hold several dictionaries for one output ({', '.join(sorted(clash[0]))}); "
+            raise CircuitGraphError(f"{source} holds several dictionaries for one output ({', '.join(sorted(clash[0]))}); "
                                     "choose the site kinds to splice, e.g. sites='attn_z,transcoder' (CLI: --sites)")
     missing = sorted(s.id for s in wanted - set(dicts))
     if missing:
-        raise CircuitGraphError(f"{source} have no dictionaries for {', '.join(missing)}; train them or change the "
+        raise CircuitGraphError(f"{source} has no dictionaries for {', '.join(missing)}; train them or change the "
                                 "sites / layers")
     return ReplacementModel(model, {s: d for s, d in dicts.items() if s in wanted})
 
@@ -125,13 +125,20 @@ def answer_target(model: HookedTransformer, answer: str | None, contrast: str | 
     return MetricTarget.logit_diff([a], [b], model.cfg.d_vocab)
 
 
-def _config(cls: type, settings: dict[str, Any], what: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - names)
+def _config(cls: type, settings: dict[str, Any], what: str, config: Any = None) -> Any:
+    """``config`` (checked to be a ``cls``) or ``cls`` built from flat ``settings``."""
+    if config is not None:
+        if settings:
+            raise CircuitGraphError(f"give {what} either config= or settings ({', '.join(sorted(settings))}), not both")
+        if not isinstance(config, cls):
+            raise CircuitGraphError(f"{what} takes a {cls.__name__} as config, got {type(config).__name__}")
+        return config
+    names = flat_fields(cls)
+    unknown = sorted(set(settings) - set(names))
     if unknown:
         raise CircuitGraphError(f"{what} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(names))}")
     try:
-        return cls(**settings)
+        return from_flat(cls, settings)
     except ValueError as err:
         raise CircuitGraphError(f"{what}: {err}") from err
 
@@ -150,7 +157,7 @@ def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
 def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, SparseDictionary] | str | None,
           data: str | torch.Tensor | PromptDataset | TaskDataset, *, eval_data: PromptDataset | TaskDataset | None = None,
           answer: str | None = None, contrast: str | None = None, sites: str | None = None,
-          granularity: str = "features", **settings: Any) -> Graph:
+          granularity: str = "features", metric: Metric | None = None, config: Any = None, **settings: Any) -> Graph:
     """An attribution graph or circuit.
 
     Args:
@@ -162,8 +169,13 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
         answer, contrast: prompt graphs only: explain this token's logit, or the difference.
         sites: site kinds to splice (default: every kind in ``dicts``).
         granularity: ``features`` (dictionary features) or ``components`` (heads and MLPs; no dictionaries).
+        metric: datasets only: what the circuit explains, instead of the dataset's own metric:
+            ``logit_diff``, ``logprob``, ``prob_diff``, ``kl`` or a callable
+            ``fn(logits [n, seq, vocab], batch) -> [n]`` (docs/datasets.md).
+        config: a ready config of the method (instead of ``settings``).
         **settings: fields of the method's config (see the module docstring), e.g. ``method="acdc"``,
-            ``max_nodes=100``, ``ablation="mean"``, ``max_feature_nodes=500``.
+            ``max_nodes=100``, ``ablation="mean"``, ``max_feature_nodes=500``; nested fields by their
+            flat names (``acdc_tau=0.01``).
 
     Returns:
         The :class:`Graph`; for a dataset its ``metadata`` holds the held-out numbers
@@ -184,9 +196,11 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
             raise CircuitGraphError("component circuits are built over a prompt dataset, not one prompt")
         from circuitgraph.attribution.components import ComponentCircuitConfig, trace_components
 
-        settings.setdefault("ablation", "patch" if has_corrupted else "mean")
-        graph, meta = trace_components(base, data, _config(ComponentCircuitConfig, settings, "a component circuit"),
-                                       eval_data)
+        if config is None:
+            settings.setdefault("ablation", "patch" if has_corrupted else "mean")
+        cfg = _config(ComponentCircuitConfig, settings, "a component circuit", config)
+        _check_ablation(cfg.ablation, has_corrupted)
+        graph, meta = trace_components(base, data, cfg, eval_data, metric=metric)
         graph.metadata.update(meta)
         return graph
     if isinstance(model, ReplacementModel):
@@ -200,19 +214,27 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
 
         if eval_data is not None:
             raise CircuitGraphError("eval_data evaluates a dataset circuit; a prompt graph has none")
+        if metric is not None:
+            raise CircuitGraphError("a prompt graph explains answer / contrast (or the likeliest logits); metric= "
+                                    "applies to datasets")
         tokens = prompt_tokens(base, data) if isinstance(data, str) else data
-        return attribute_prompt(rm, tokens, _config(LinearAttributionConfig, settings, "a prompt graph"),
+        return attribute_prompt(rm, tokens, _config(LinearAttributionConfig, settings, "a prompt graph", config),
                                 metric=answer_target(base, answer, contrast))
     if answer is not None or contrast is not None:
         raise CircuitGraphError("answer / contrast choose what a prompt graph explains; a dataset has its own answers")
-    if not has_corrupted:
-        if settings.get("ablation") == "patch":
-            raise CircuitGraphError("patch ablation needs corrupted prompts, and this dataset has none; use "
-                                    "ablation='mean' or 'zero', or add a corrupted_prompt to every row")
-        settings.setdefault("ablation", "mean")
+    if config is None:
+        settings.setdefault("ablation", "patch" if has_corrupted else "mean")
     from circuitgraph.attribution.circuit import CircuitConfig, trace_dataset
 
-    return trace_dataset(rm, data, _config(CircuitConfig, settings, "a dataset circuit"), eval_data).graph
+    cfg = _config(CircuitConfig, settings, "a dataset circuit", config)
+    _check_ablation(cfg.ablation, has_corrupted)
+    return trace_dataset(rm, data, cfg, eval_data, metric=metric).graph
+
+
+def _check_ablation(ablation: str, has_corrupted: bool) -> None:
+    if ablation == "patch" and not has_corrupted:
+        raise CircuitGraphError("patch ablation needs corrupted prompts, and this dataset has none; use "
+                                "ablation='mean' or 'zero', or add a corrupted_prompt to every row")
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:

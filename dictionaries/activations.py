@@ -37,8 +37,9 @@ class StoreConfig:
     model); empty disables it."""
 
     def __post_init__(self) -> None:
-        if min(self.batch_tokens, self.chunk_sequences, self.model_batch) <= 0:
-            raise ValueError("batch_tokens, chunk_sequences and model_batch must be positive")
+        for name in ("batch_tokens", "chunk_sequences", "model_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
 
 
 def _layer_of(hook: str) -> int:

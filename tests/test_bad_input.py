@@ -47,7 +47,7 @@ def test_activation_store_errors(default_model) -> None:
         ActivationStore(default_model, ["blocks.0.hook_resid_typo"], corpus)
     with pytest.raises(ValueError, match="raise chunk_sequences or lower batch_tokens"):
         ActivationStore(default_model, [Site(0, "resid_post").input_hook], corpus, StoreConfig(batch_tokens=4096, chunk_sequences=2))
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="batch_tokens=0 must be at least 1"):
         StoreConfig(batch_tokens=0)
 
 

@@ -111,7 +111,7 @@ def test_trace_position_resolved_dataset_circuit(tmp_path, capsys):
 
 def test_trace_prompt_and_components(tmp_path, capsys):
     s = _json(capsys, ["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
-                       "--max-feature-nodes", "64", "--out", str(tmp_path / "p"), "--json"])
+                       "--prompt-max-feature-nodes", "64", "--out", str(tmp_path / "p"), "--json"])
     assert s["method"] == "linear" and s["n_nodes"] < s["full_nodes"]
     assert 0 < s["replacement_score"] <= 1 and 0 < s["completeness_score"] <= 1
     g = Graph.load(tmp_path / "p")

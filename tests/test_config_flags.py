@@ -58,3 +58,29 @@ def test_train_dictionaries_cli_reaches_aux_k_and_jumprelu_settings(tmp_path, ca
     saved = json.loads((out / "L1.resid_post" / "cfg.json").read_text())
     assert (saved["jumprelu_bandwidth"], saved["jumprelu_init_threshold"], saved["aux_k"]) == (0.2, 0.01, 3)
     assert json.loads((out / "train_config.json").read_text())["jumprelu_bandwidth"] == 0.2
+
+
+def test_trace_flags_come_from_the_method_configs(tmp_path, capsys):
+    from circuitgraph.attribution.circuit import CircuitConfig
+    from circuitgraph.attribution.components import ComponentCircuitConfig
+    from circuitgraph.attribution.linear import LinearAttributionConfig
+    from circuitgraph.cli.main import build_parser
+    from circuitgraph.cli.trace_cmd import PROMPT_RENAME
+
+    parser = build_parser()
+    trace = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "trace")[1]
+    flags = {s: a for a in trace._actions for s in a.option_strings}
+    for cls, rename in ((CircuitConfig, {}), (ComponentCircuitConfig, {}), (LinearAttributionConfig, PROMPT_RENAME)):
+        for name, (_, f, _) in flat_fields(cls).items():
+            if name == "progress":
+                continue
+            action = flags["--" + rename.get(name, name).replace("_", "-")]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if default is not None and (cls is not ComponentCircuitConfig or name == "max_edges"):
+                assert f"(default: {default})" in action.help, (cls.__name__, name)
+    args = parser.parse_args(["trace", "--tau", "0.01", "--plain-acdc", "--max-edges", "7", "--out", "x"])
+    assert args.acdc_tau == 0.01 and args.max_edges == 7  # --tau is the old spelling of --acdc-tau
+    capsys.readouterr()
+    assert cli(["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
+                "--max-feature-nodes", "5", "--out", str(tmp_path / "g")]) == 2
+    assert "--prompt-max-feature-nodes" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +45,9 @@ TargetKind = Literal["faithfulness", "faithfulness_features_only"]
 @dataclass
 class CircuitConfig:
     """Options of :func:`trace_dataset`."""
+
+    FLAT_PREFIX: ClassVar[dict[str, str]] = {"acdc": "acdc_"}
+    """Flat setting / CLI flag names of the nested ACDC settings: ``acdc_tau``, ``--acdc-tau``, ..."""
 
     method: TraceMethod = "attribution"
     """``attribution`` (attribution patching), ``ig`` (integrated gradients) or ``acdc``."""

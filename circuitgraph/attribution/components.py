@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from transformer_lens import HookedTransformer
@@ -278,6 +278,9 @@ class EdgeAblator:
 @dataclass
 class ComponentCircuitConfig:
     """Options of :func:`trace_components`."""
+
+    FLAT_PREFIX: ClassVar[dict[str, str]] = {"acdc": "acdc_"}
+    """Flat setting / CLI flag names of the nested ACDC settings: ``acdc_tau``, ``--acdc-tau``, ..."""
 
     method: str = "attribution"
     """``attribution`` (EAP), ``ig`` (EAP-IG) or ``acdc``."""

@@ -6,6 +6,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from dictionaries.config import flat_fields, from_flat
@@ -39,37 +41,50 @@ def int_with_suffix(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer (suffixes k, M, G allowed)") from err
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, prefix: str = "",
+                        skip: tuple[str, ...] = (), rename: Mapping[str, str] | None = None,
+                        aliases: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """Add one ``--flat-name`` flag per leaf field of a (possibly nested) config dataclass, typed and
-    documented from the class (flat names: :func:`dictionaries.config.flat_fields`)."""
+    documented from the class (flat names: :func:`dictionaries.config.flat_fields`). ``rename`` maps
+    a flat name to the name its flag uses (two configs sharing a command, e.g. ``max_feature_nodes``
+    -> ``prompt_max_feature_nodes``); ``aliases`` adds older spellings (``acdc_tau`` -> ``--tau``).
+    Returns the flat names that got a flag."""
+    rename, aliases = rename or {}, aliases or {}
+    added = []
     for name, (_, f, owner) in flat_fields(cls).items():
         if name in skip:
             continue
-        flag = "--" + prefix + name.replace("_", "-")
+        added.append(name)
+        dest = prefix + rename.get(name, name)
+        flags = ["--" + dest.replace("_", "-"), *aliases.get(name, ())]
         hint = get_type_hints(owner)[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f"{_field_docs(owner).get(f.name, '')} (default: {default})"
-        dest = prefix + name
         if hint is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(hint) is tuple:
             inner = get_args(hint)[0]
-            parser.add_argument(flag, dest=dest, type=inner, nargs=len(get_args(hint)), default=None, help=help_text)
+            parser.add_argument(*flags, dest=dest, type=inner, nargs=len(get_args(hint)), default=None, help=help_text)
         else:
-            if get_origin(hint) is Union or str(get_origin(hint)).endswith("UnionType"):  # X | None: the X
+            if get_origin(hint) in (Union, types.UnionType):  # X | None: the X
                 hint = next(a for a in get_args(hint) if a is not type(None))
             choices = get_args(hint) if str(get_origin(hint)).endswith("Literal") else None
             kind = type(choices[0]) if choices else (hint if hint in (int, float, str) else str)
             if kind is int:
                 kind = int_with_suffix
-            parser.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, help=help_text)
+            parser.add_argument(*flags, dest=dest, type=kind, choices=choices, default=None, help=help_text)
+    return added
 
 
-def dataclass_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
-    """Build ``cls`` (nested configs included) from parsed flags; unset flags keep the defaults."""
+def dataclass_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", rename: Mapping[str, str] | None = None,
+                         **overrides: Any) -> Any:
+    """Build ``cls`` (nested configs included) from parsed flags; unset flags keep the defaults.
+    ``rename``: as given to :func:`add_dataclass_flags`."""
+    rename = rename or {}
     values = {}
     for name in flat_fields(cls):
-        value = getattr(args, prefix + name, None)
+        value = getattr(args, prefix + rename.get(name, name), None)
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)

@@ -51,6 +51,11 @@ class PromptDataset:
         return len(self.data)
 
     @property
+    def default_ablation(self) -> str:
+        """``patch`` (with the corrupted prompts) when every row has one, else ``mean``."""
+        return "patch" if self.has_corrupted else "mean"
+
+    @property
     def prompts(self) -> list[str]:
         """The clean prompt texts."""
         return self.data.prompts

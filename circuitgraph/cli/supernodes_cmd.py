@@ -15,14 +15,26 @@ def register(sub) -> None:
     p = sub.add_parser("supernodes", help="collapse a graph's co-acting features into supernodes (or expand them)")
     p.add_argument("graph", help="graph folder written by `circuitgraph trace` (a collapsed one with --expand)")
     p.add_argument("--out", required=True, help="graph folder to write")
-    p.add_argument("--threshold", type=float, default=0.8, help="similarity at which two features of a layer are grouped")
-    p.add_argument("--min-size", type=int, default=2, help="smallest group kept as a supernode")
+    defaults = _find_defaults()
+    p.add_argument("--threshold", type=float, default=defaults["threshold"],
+                   help="similarity at which two features of a layer are grouped (default: %(default)s)")
+    p.add_argument("--min-size", type=int, default=defaults["min_size"],
+                   help="smallest group kept as a supernode (default: %(default)s)")
     p.add_argument("--no-decoders", action="store_true",
                    help="group by graph neighbourhood only (default: also decoder similarity, from the graph's dictionaries)")
     p.add_argument("--expand", metavar="ORIGINAL", default=None,
                    help="instead: open the supernodes of GRAPH again using the ORIGINAL graph it was collapsed from")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_supernodes)
+
+
+def _find_defaults() -> dict:
+    """The defaults of :func:`find_supernodes` (the flags show and use them: one place for each)."""
+    import inspect
+
+    from circuitgraph.features.supernodes import find_supernodes
+
+    return {k: v.default for k, v in inspect.signature(find_supernodes).parameters.items()}
 
 
 def _decoder_directions(g, enabled: bool):

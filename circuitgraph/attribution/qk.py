@@ -152,12 +152,15 @@ class QKContext:
     """One recorded prompt, for attributing any number of (layer, head, query, key) scores; source
     vectors and factors are computed once per position."""
 
-    def __init__(self, rm: ReplacementModel, tokens: torch.Tensor | None = None, record: WriteRecord | None = None) -> None:
+    def __init__(self, rm: ReplacementModel, tokens: torch.Tensor | None = None, record: WriteRecord | None = None,
+                 fold_skips: bool = True) -> None:
+        """``tokens`` (``[P]`` or ``[1, P]``) or a run already recorded by ``record_writes``;
+        ``fold_skips``: see :mod:`circuitgraph.attribution.residual_writes`."""
         if (tokens is None) == (record is None):
             raise CircuitGraphError("give the prompt's tokens or a recorded run (record_writes), not both")
         self.rm = rm
         self.record = record if record is not None else record_writes(rm, tokens)  # type: ignore[arg-type]
-        self.writer = ResidualWriter(rm, self.record)
+        self.writer = ResidualWriter(rm, self.record, fold_skips)
         self.n_pos = int(self.record.tokens.numel())
         self._factors: dict[tuple[int, int, int, Side], QKFactors] = {}
 

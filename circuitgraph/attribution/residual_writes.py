@@ -12,13 +12,19 @@ source id                       vector
                                 ``attn_z``, ``W_out`` for ``mlp_post``; a ``clt`` feature: its
                                 writes into every MLP output before ``L``, summed)
 ``L1.transcoder#err@p``         a spliced site's error term (same projections)
-``L1.transcoder#skip@p``        a dictionary's linear skip term (transcoders trained with one)
+``L1.transcoder#skip@p``        a transcoder's linear skip term, only with ``fold_skips=False``
 ``bias:L1.transcoder@p``        a dictionary's decoder bias (``b_dec``, same projections)
 ``L1.attn@p`` / ``L1.mlp@p``    the output of an attention layer / MLP no dictionary replaces,
                                 without its output bias
 ``bias:L1.attn@p``              an attention layer's output bias ``b_O``
 ``bias:L1.mlp@p``               an MLP's output bias ``b_out`` (when no dictionary reconstructs it)
 =============================== ===================================================================
+
+A transcoder's skip term is linear in the stream it reads (its normalisation scale frozen), so by
+default it is *folded* into the sources it reads, as a prompt graph folds that path into its edges:
+a source's vector is its own write plus what the skip terms of later transcoders write because of
+it (``fold_skips=False`` lists each skip term as a source instead). A CLT skip term whose input
+precedes the residual-stream site below stays a source.
 
 A residual-stream site (``resid_pre`` / ``resid_mid`` / ``resid_post``) replaces everything
 written before it: the last one before block ``L`` contributes its features, error and bias, and
@@ -65,6 +71,8 @@ class WriteRecord(NamedTuple):
     """Per layer ``[P, d_model]``: ``hook_mlp_out``; ``None`` for attention-only models."""
     ln1_scale: list[torch.Tensor | None]
     """Per layer ``[P]``: the attention input's normalisation scale; ``None`` without normalisation."""
+    ln2_scale: list[torch.Tensor | None]
+    """Per layer ``[P]``: the MLP input's normalisation scale (what a transcoder reads); ``None`` without."""
     resid_pre: list[torch.Tensor]
     """Per layer ``[P, d_model]``: ``hook_resid_pre`` (the stream the attention reads)."""
     scores: list[torch.Tensor]
@@ -107,11 +115,15 @@ def record_writes(rm: ReplacementModel, tokens: torch.Tensor) -> WriteRecord:
         names += [ModelHooks.mlp_out(layer) for layer in range(n_layers)]
     if model.cfg.normalization_type is not None:
         names += [ModelHooks.ln_scale(layer, "ln1") for layer in range(n_layers)]
+        if not model.cfg.attn_only:
+            names += [ModelHooks.ln_scale(layer, "ln2") for layer in range(n_layers)]
     rm.forward_passes += 1
     with torch.no_grad(), rm.spliced() as record, model.hooks(fwd_hooks=[(n, save) for n in names]):
         model(tokens)
-    scale = [saved[ModelHooks.ln_scale(layer, "ln1")][:, 0] if model.cfg.normalization_type is not None else None
-             for layer in range(n_layers)]
+    def scales(which: str) -> list[torch.Tensor | None]:
+        return [saved[ModelHooks.ln_scale(layer, which)][:, 0] if ModelHooks.ln_scale(layer, which) in saved else None
+                for layer in range(n_layers)]
+
     return WriteRecord(
         tokens=tokens[0],
         sites={s: SiteRecord(*(x.detach() if isinstance(x, torch.Tensor) else x for x in r)) for s, r in record.items()},
@@ -119,7 +131,8 @@ def record_writes(rm: ReplacementModel, tokens: torch.Tensor) -> WriteRecord:
         pos_embed=saved.get(ModelHooks.pos_embed),
         attn_out=[saved[ModelHooks.attn_out(layer)] for layer in range(n_layers)],
         mlp_out=[saved.get(ModelHooks.mlp_out(layer)) for layer in range(n_layers)],
-        ln1_scale=scale,
+        ln1_scale=scales("ln1"),
+        ln2_scale=scales("ln2"),
         resid_pre=[saved[ModelHooks.resid_pre(layer)] for layer in range(n_layers)],
         scores=[saved[ModelHooks.attn_scores(layer)] for layer in range(n_layers)],
         patterns=[saved[ModelHooks.pattern(layer)] for layer in range(n_layers)],
@@ -128,11 +141,20 @@ def record_writes(rm: ReplacementModel, tokens: torch.Tensor) -> WriteRecord:
 
 
 class _Accumulator:
-    """Source vectors by id, summing repeated ids (a ``clt`` feature writes several MLP outputs)."""
+    """Source vectors by id, summing repeated ids (a ``clt`` feature writes several MLP outputs),
+    for the stream read by block ``target``; ``folded``: sites whose skip terms are folded in."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: int) -> None:
         self.index: dict[str, int] = {}
         self.rows: list[torch.Tensor] = []
+        self.target = target
+        self.folded: set[Site] = set()
+
+    def add_to_each(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add ``fn(rows)`` (``[n, d_model]`` -> ``[n, d_model]``) to every source vector so far."""
+        if self.rows:
+            stacked = torch.stack(self.rows)
+            self.rows = list(stacked + fn(stacked))
 
     def add(self, ids: list[str], vectors: torch.Tensor) -> None:
         for name, vec in zip(ids, vectors, strict=True):
@@ -163,9 +185,10 @@ class ResidualWriter:
     """The sources of one recorded prompt at any (layer, position), cached: build it once and
     ask for many positions (:meth:`sources`)."""
 
-    def __init__(self, rm: ReplacementModel, record: WriteRecord) -> None:
+    def __init__(self, rm: ReplacementModel, record: WriteRecord, fold_skips: bool = True) -> None:
         check_supported(rm)
         self.rm, self.record, self.model = rm, record, rm.model
+        self.fold_skips = fold_skips
         self.dicts = rm.dicts
         self._dec: dict[Site, torch.Tensor] = {}
         self._bias: dict[Site, torch.Tensor] = {}
@@ -179,8 +202,8 @@ class ResidualWriter:
         return self._dec[site]
 
     def site_writes(self, acc: _Accumulator, site: Site, pos: int, project: Project,
-                    error: Project | None) -> None:
-        """Features, error (when ``error`` projects it), decoder bias and skip term of one site."""
+                    error: Project | None, skip: bool = True) -> None:
+        """Features, error (when ``error`` projects it), decoder bias and (``skip``) skip term of one site."""
         rec = self.record.sites[site]
         dec = self.decoder(site)
         lat = rec.latents[0, pos]  # [d_dict]
@@ -190,8 +213,27 @@ class ResidualWriter:
             acc.add_one(f"{site.id}#err@{pos}", error(rec.errors[0, pos]))
         acc.add_one(f"bias:{site.id}@{pos}", project(self._bias[site]), drop_zero=True)
         d = self.dicts[site]
-        if d.W_skip is not None:
+        if skip and d.W_skip is not None:
             acc.add_one(f"{site.id}#skip@{pos}", project(d.skip_term(rec.inputs[0, pos][None]).detach()[0]))
+
+    def fold_skip(self, acc: _Accumulator, site: Site, pos: int, project: Project) -> None:
+        """Fold ``site``'s skip term into the sources of the stream it reads (``acc`` holds that
+        stream's decomposition now): each gains the skip's linear response to it."""
+        d = self.dicts[site]
+        if d.W_skip is None:
+            return
+        norm = self.model.cfg.normalization_type
+        scale = self.record.ln2_scale[site.layer]
+
+        def reads(rows: torch.Tensor) -> torch.Tensor:  # the dictionary's input: ln2's normalised stream (transcoder)
+            if site.kind == "clt" or norm is None:
+                return rows
+            if norm in ("LN", "LNPre"):
+                rows = rows - rows.mean(-1, keepdim=True)
+            return rows / scale[pos]
+
+        acc.add_to_each(lambda rows: project(d.skip_term(reads(rows)).detach()))
+        acc.folded.add(site)
 
     def attention(self, acc: _Accumulator, layer: int, pos: int, spliced: bool) -> None:
         attn = self.model.blocks[layer].attn
@@ -222,12 +264,20 @@ class ResidualWriter:
             self.site_writes(acc, Site(layer, "mlp_post"), pos, through_w_out, through_w_out)
         elif spliced and (Site(layer, "mlp_out") in self.dicts or Site(layer, "transcoder") in self.dicts):
             site = Site(layer, "mlp_out") if Site(layer, "mlp_out") in self.dicts else Site(layer, "transcoder")
-            self.site_writes(acc, site, pos, _identity, _identity)
+            if self.fold_skips:
+                self.fold_skip(acc, site, pos, _identity)
+            self.site_writes(acc, site, pos, _identity, _identity, skip=not self.fold_skips)
             return  # the reconstruction holds b_out
         elif spliced and clt:
-            cols = {s: layer_slice(s, layer, self.model.cfg.d_model) for s in clt}
+            width = self.model.cfg.d_model
+            own = Site(layer, "clt")
+            if self.fold_skips:  # its skip reads this stream; fold every write it makes before the target block
+                cols = [layer_slice(own, j, width) for j in range(layer, acc.target)]
+                self.fold_skip(acc, own, pos, lambda x: sum(x[..., c] for c in cols))
             for s in sorted(clt, key=lambda s: s.layer):
-                self.site_writes(acc, s, pos, lambda x, c=cols[s]: x[..., c], _identity if s.layer == layer else None)
+                c = layer_slice(s, layer, width)
+                self.site_writes(acc, s, pos, lambda x, c=c: x[..., c], _identity if s == own else None,
+                                 skip=s not in acc.folded)
             return
         else:
             full = self.record.mlp_out[layer][pos]
@@ -250,7 +300,7 @@ class ResidualWriter:
 
     def _sources(self, layer: int, pos: int) -> SourceVectors:
         cfg = self.model.cfg
-        acc = _Accumulator()
+        acc = _Accumulator(layer)
         spliced = not bool(self.record.unspliced[pos])
         stages: list[tuple[str, int]] = []
         for lyr in range(layer):
@@ -291,8 +341,9 @@ def check_supported(rm: ReplacementModel) -> None:
                                 "clips, rescales or soft-caps queries, keys or scores")
 
 
-def residual_sources(rm: ReplacementModel, record: WriteRecord, layer: int, pos: int) -> SourceVectors:
+def residual_sources(rm: ReplacementModel, record: WriteRecord, layer: int, pos: int,
+                     fold_skips: bool = True) -> SourceVectors:
     """The sources at position ``pos`` and their writes into the residual stream that block
     ``layer``'s attention reads (``blocks.layer.hook_resid_pre``); see the module table. The rows
     sum to ``record.resid_pre[layer][pos]``. For many positions build one :class:`ResidualWriter`."""
-    return ResidualWriter(rm, record).sources(layer, pos)
+    return ResidualWriter(rm, record, fold_skips).sources(layer, pos)

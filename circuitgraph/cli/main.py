@@ -19,6 +19,7 @@ from circuitgraph.cli import (  # noqa: E402
     demo_cmd,
     dicts_cmd,
     graph_cmd,
+    qk_cmd,
     supernodes_cmd,
     tasks_cmd,
     trace_cmd,
@@ -27,7 +28,7 @@ from circuitgraph.cli import (  # noqa: E402
 from circuitgraph.errors import CircuitGraphError  # noqa: E402
 from dictionaries.errors import DictionaryError  # noqa: E402
 
-COMMANDS = (tasks_cmd, train_model_cmd, dicts_cmd, trace_cmd, graph_cmd, supernodes_cmd, demo_cmd)
+COMMANDS = (tasks_cmd, train_model_cmd, dicts_cmd, trace_cmd, graph_cmd, qk_cmd, supernodes_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -191,7 +191,7 @@ class _Sum:
     def mean(self, n: int) -> torch.Tensor:
         idx = torch.stack([torch.cat(self.rows), torch.cat(self.cols)]) if self.rows else torch.zeros(2, 0, dtype=torch.long)
         val = torch.cat(self.vals) / n if self.vals else torch.zeros(0, dtype=torch.float64)
-        return torch.sparse_coo_tensor(idx, val, (len(self.q_index), len(self.k_index))).coalesce()
+        return torch.sparse_coo_tensor(idx, val, (len(self.q_index), len(self.k_index)), check_invariants=True).coalesce()
 
 
 def _prompt_rows(dataset: TaskDataset) -> list[tuple[torch.Tensor, int]]:

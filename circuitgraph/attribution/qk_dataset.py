@@ -194,7 +194,7 @@ class _Sum:
         return torch.sparse_coo_tensor(idx, val, (len(self.q_index), len(self.k_index)), check_invariants=True).coalesce()
 
 
-def _prompt_rows(dataset: TaskDataset) -> list[tuple[torch.Tensor, int]]:
+def prompt_rows(dataset: TaskDataset) -> list[tuple[torch.Tensor, int]]:
     """Each row's real tokens (padding dropped) and its answer position in them."""
     out = []
     for i in range(dataset.clean_tokens.shape[0]):
@@ -222,7 +222,7 @@ def aggregate_qk(rm: ReplacementModel, dataset: TaskDataset, heads: Sequence[tup
         raise CircuitGraphError(f"key {key!r}: use 'top' or a negative offset from the answer (-1: the answer position)")
     sums = {h: _Sum() for h in heads}
     feat_heads = feature_heads(rm)
-    rows = _prompt_rows(dataset)
+    rows = prompt_rows(dataset)
     for tokens, ans in tqdm(rows, desc="qk", disable=not progress, leave=False):
         q = ans + 1 + query_offset
         if q < 0:

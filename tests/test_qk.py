@@ -274,3 +274,25 @@ def test_cli_refuses_bad_positions_and_heads(capsys, bad):
     args = ["qk", "--prompt", PROMPT, "--layer", "2", "--head", "3", "--key", "2", *bad]
     assert main(args) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_dataset_and_circuit_heads_equal_the_api(capsys, tmp_path, default_model, default_dicts):
+    """``qk --task`` prints what ``aggregate_qk`` returns; ``--circuit`` reads a saved graph's heads."""
+    rm = ReplacementModel(default_model, default_dicts)
+    ds = make_dataset("induction", default_model, n=4, seed=0)
+    (api,) = aggregate_qk(rm, ds, [(2, 3)], key=-10)
+    assert main(["qk", "--task", "induction", "--n", "4", "--heads", "2.3", "--key", "-10", "--top-k", "5",
+                 "--json"]) == 0
+    (cli,) = json.loads(capsys.readouterr().out)["heads"]
+    assert cli["mean_score"] == pytest.approx(api.mean_score, abs=1e-6)
+    assert [(p["query"], p["key"]) for p in cli["top_pairs"]] == [(t.query, t.key) for t in api.top(5)]
+    assert cli["group_pairs"][0]["other_keys"] is not None and cli["key_offsets"] == {"-10": 4}
+    empty = torch.zeros(0, dtype=torch.long)
+    graph = Graph([Node("component", 2.1, "L2.head3"), Node("component", 1.2, "L1.head1")], torch.zeros(2), empty,
+                  empty, torch.zeros(0), torch.zeros(2), node_scores=torch.tensor([3.0, 1.0]))
+    graph.save(tmp_path / "circuit")
+    assert main(["qk", "--task", "induction", "--n", "4", "--circuit", str(tmp_path / "circuit"), "--n-heads", "1",
+                 "--key", "-10", "--no-contrast", "--json"]) == 0
+    (only,) = json.loads(capsys.readouterr().out)["heads"]
+    assert (only["layer"], only["head"]) == (2, 3) and only["mean_score"] == pytest.approx(api.mean_score, abs=1e-6)
+    assert main(["qk", "--task", "induction", "--n", "4", "--heads", "2.3", "--key", "3"]) == 2  # offsets count back

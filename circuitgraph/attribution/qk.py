@@ -210,8 +210,18 @@ class QKContext:
         pattern's logits)."""
         q = self.position(query_pos, "query")
         if key_positions is None:
-            key_positions = list(range(q + 1 if is_causal(self.rm.model) else self.n_pos))
+            key_positions = self.key_positions(q)
         return [self.attribute(layer, head, q, k) for k in key_positions]
+
+    def key_positions(self, query_pos: int) -> list[int]:
+        """The keys a query at ``query_pos`` can attend to (itself and earlier ones in a causal model)."""
+        q = self.position(query_pos, "query")
+        return list(range(q + 1 if is_causal(self.rm.model) else self.n_pos))
+
+    def top_key(self, layer: int, head: int, query_pos: int) -> int:
+        """The key the head attends to most from ``query_pos`` in the recorded run."""
+        self._check(layer, head)
+        return int(torch.argmax(self.record.patterns[layer][head, self.position(query_pos, "query")]))
 
 
 def attribute_qk(rm: ReplacementModel, tokens: torch.Tensor, layer: int, head: int, query_pos: int,

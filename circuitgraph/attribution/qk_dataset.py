@@ -231,12 +231,12 @@ def aggregate_qk(rm: ReplacementModel, dataset: TaskDataset, heads: Sequence[tup
         ctx = QKContext(rm, tokens)
         for layer, head in heads:
             if key == "top":
-                k = int(torch.argmax(ctx.record.patterns[layer][head, q, : q + 1]))
+                k = ctx.top_key(layer, head, q)
             else:
                 k = ans + 1 + int(key)
-                if not 0 <= k <= q:
-                    raise CircuitGraphError(f"key offset {key} does not fall between the prompt's start and the query "
-                                            f"(query offset {query_offset})")
+                if k not in ctx.key_positions(q):
+                    raise CircuitGraphError(f"key offset {key} is not a key the query (offset {query_offset}) can "
+                                            "attend to in every prompt")
             a = ctx.attribute(layer, head, q, k)
             s = sums[layer, head]
             s.add([offset_id(i, ans) for i in a.query_ids], [offset_id(i, ans) for i in a.key_ids], a.values)
@@ -244,7 +244,7 @@ def aggregate_qk(rm: ReplacementModel, dataset: TaskDataset, heads: Sequence[tup
             s.pattern += a.pattern
             s.key_offsets[k - ans - 1] = s.key_offsets.get(k - ans - 1, 0) + 1
             s.add_groups(s.groups, group_terms(a, feat_heads), 1.0)
-            others = [o for o in range(q + 1) if o != k] if contrast else []
+            others = [o for o in ctx.key_positions(q) if o != k] if contrast else []
             for o in others:
                 s.add_groups(s.groups_other, group_terms(ctx.attribute(layer, head, q, o), feat_heads), 1 / len(others))
     n = len(rows)

@@ -106,8 +106,6 @@ def run_qk(args: argparse.Namespace) -> int:
 
 
 def _run_prompt(args: argparse.Namespace, model, rm) -> dict:
-    import torch
-
     from circuitgraph import api
     from circuitgraph.attribution.qk import QKContext
 
@@ -123,7 +121,7 @@ def _run_prompt(args: argparse.Namespace, model, rm) -> dict:
         return {**base, "layer": layer, "head": head, "query": q, "key": "all",
                 "keys": [a.to_dict(args.top_k) for a in ctx.attribute_keys(layer, head, q)]}
     if args.key == "top":
-        key = int(torch.argmax(ctx.record.patterns[layer][head, q, : q + 1]))
+        key = ctx.top_key(layer, head, q)
     else:
         try:
             key = int(args.key)

@@ -71,8 +71,8 @@ def test_stories_pipeline_example(tmp_path):
     import circuitgraph as cg
 
     torch.set_num_threads(2)
-    res = _load("stories_pipeline").main(tmp_path / "st", tokens=40_000, n=16, n_eval=16, max_nodes=100)
-    assert res["held_out"] and res["n_nodes"] <= 100
+    res = _load("stories_pipeline").main(tmp_path / "st", tokens=16_384, n=12, n_eval=12, max_nodes=60)
+    assert res["held_out"] and res["n_nodes"] <= 60
     assert all(math.isfinite(res[k]) for k in ("faithfulness", "faithfulness_features_only", "ceiling"))
     graph = cg.Graph.load(tmp_path / "st" / "graph")
     assert graph.metadata["faithfulness"] == res["faithfulness"]

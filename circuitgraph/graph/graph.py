@@ -35,9 +35,9 @@ class Graph:
     activation: torch.Tensor
     """``[N]`` node values (feature latent, mean-centred logit, metric value; 0 where undefined)."""
     sources: torch.Tensor
-    """``[E]`` int64 source node index of each edge."""
+    """``[E]`` int32 source node index of each edge (other integer types are converted)."""
     targets: torch.Tensor
-    """``[E]`` int64 target node index of each edge."""
+    """``[E]`` int32 target node index of each edge."""
     weights: torch.Tensor
     """``[E]`` float edge weights."""
     target_weights: torch.Tensor
@@ -64,6 +64,9 @@ class Graph:
             raise CircuitGraphError("graph tables disagree in length; the graph is corrupt")
         if not (self.sources.shape == self.targets.shape == self.weights.shape):
             raise CircuitGraphError("graph edge tensors disagree in length; the graph is corrupt")
+        if self.sources.is_floating_point() or self.targets.is_floating_point():
+            raise CircuitGraphError("graph edge indices are not integers; the graph is corrupt")
+        self.sources, self.targets = self.sources.to(torch.int32), self.targets.to(torch.int32)  # 4 bytes an index
         if self.sources.numel() and (int(self.sources.max()) >= n or int(self.targets.max()) >= n):
             raise CircuitGraphError("graph edges point past the node table; the graph is corrupt")
         self._index = {node.id: i for i, node in enumerate(self.nodes)}
@@ -92,7 +95,7 @@ class Graph:
     def adjacency(self) -> torch.Tensor:
         """``[N, N]`` sparse CSR with ``A[target, source] = weight`` (rows are targets)."""
         n = self.n_nodes
-        coo = torch.sparse_coo_tensor(torch.stack([self.targets, self.sources]), self.weights, (n, n))
+        coo = torch.sparse_coo_tensor(torch.stack([self.targets, self.sources]).long(), self.weights, (n, n))
         return coo.coalesce().to_sparse_csr()
 
     # --- queries (see circuitgraph.graph.query) ---------------------------------------------
@@ -156,8 +159,8 @@ class Graph:
         self._check_finite()
         tensors = {
             "activation": self.activation.float().contiguous(),
-            "sources": self.sources.long().contiguous(),
-            "targets": self.targets.long().contiguous(),
+            "sources": self.sources.contiguous(),  # int32; files of older releases hold int64 (read alike)
+            "targets": self.targets.contiguous(),
             "weights": self.weights.float().contiguous(),
             "target_weights": self.target_weights.float().contiguous(),
         }

@@ -14,6 +14,7 @@ computed by power iteration with sparse products, never a dense N x N matrix.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,7 @@ def normalised_adjacency(sources: torch.Tensor, targets: torch.Tensor, weights: 
     w = weights.abs().double()
     row_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)
     values = w / row_sum[targets].clamp(min=1e-30)
-    coo = torch.sparse_coo_tensor(torch.stack([targets, sources]), values, (n, n), check_invariants=False)
+    coo = torch.sparse_coo_tensor(torch.stack([targets, sources]).long(), values, (n, n), check_invariants=False)
     return coo.coalesce().to_sparse_csr()
 
 
@@ -54,11 +55,26 @@ def influence_of_edges(sources: torch.Tensor, targets: torch.Tensor, weights: to
     """:func:`influence` of :func:`normalised_adjacency` straight from the edge list: scatter-adds
     over the edges (duplicate pairs add up, as coalescing does), no sorting, so it is cheap to
     recompute while a graph grows."""
+    return influence_of_edge_chunks(lambda: [(sources, targets, weights)], output_weights, max_iter, tol)
+
+
+def influence_of_edge_chunks(chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+                             output_weights: torch.Tensor, max_iter: int = 1000, tol: float = 1e-12) -> torch.Tensor:
+    """:func:`influence_of_edges` of an edge list given as ``chunks()``, an iterable of ``(sources,
+    targets, weights)`` chunks read once per power-series term: memory of one chunk, not the list."""
     n = output_weights.shape[0]
-    w = weights.abs().double()
-    frac = w / torch.zeros(n, dtype=torch.float64).index_add_(0, targets, w)[targets].clamp(min=1e-30)
-    x = output_weights.double()
-    return _power_series(lambda v: torch.zeros_like(v).index_add_(0, sources, frac * v[targets]), x, max_iter, tol)
+    row_sum = torch.zeros(n, dtype=torch.float64)
+    for _, tgt, w in chunks():
+        row_sum.index_add_(0, tgt, w.abs().double())
+    row_sum.clamp_(min=1e-30)
+
+    def step(v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(v)
+        for src, tgt, w in chunks():
+            out.index_add_(0, src, w.abs().double() / row_sum[tgt] * v[tgt])
+        return out
+
+    return _power_series(step, output_weights.double(), max_iter, tol)
 
 
 def edge_influence(sources: torch.Tensor, targets: torch.Tensor, a_norm: torch.Tensor, node_influence: torch.Tensor,
@@ -68,7 +84,7 @@ def edge_influence(sources: torch.Tensor, targets: torch.Tensor, a_norm: torch.T
     n = a_norm.shape[0]
     key = coo.indices()[0] * n + coo.indices()[1]
     order = torch.argsort(key)
-    pos = torch.searchsorted(key[order], targets * n + sources)
+    pos = torch.searchsorted(key[order], targets.long() * n + sources.long())
     frac = coo.values()[order][pos.clamp(max=key.numel() - 1)]
     return frac * (node_influence.double() + output_weights.double())[targets]
 

@@ -63,7 +63,13 @@ class SpliceSpec:
     frozen: FrozenState | None = None
     """Recorded attention patterns, normalisation scales and MLP gates to hold fixed."""
     offsets: Mapping[Site, torch.Tensor] = field(default_factory=dict)
-    """Added to a site's output (zero leaves here give the gradient at the site output)."""
+    """Added to a site's output at spliced positions (zero leaves here give the gradient at the site
+    output)."""
+    unspliced: Mapping[Site, torch.Tensor] = field(default_factory=dict)
+    """Values a site's output hook takes at *unspliced* positions (each row's first real token, BOS,
+    and its padding) instead of the model's own activation there; broadcast against ``[B, P, d_out]``
+    (``[B, 1, d]`` holds one value per row). Recorded activations here hold the BOS outputs fixed,
+    circuit-tracer's convention; recorded values plus a zero leaf give the gradient there."""
     record_active_values: bool = False
     """Compute every latent's affine pre-activation (:attr:`SiteRecord.active_value`); costs a dense
     encoder product per site."""
@@ -149,7 +155,7 @@ class ReplacementModel:
             if spec.edit_errors is not None:
                 errors = spec.edit_errors(site, errors)
             out[site] = SiteRecord(latents, errors, x.reshape(b, p, -1), active)
-            untouched = site not in spec.latents and site not in spec.errors and site not in spec.offsets
+            untouched = all(site not in x for x in (spec.latents, spec.errors, spec.offsets, spec.unspliced))
             if untouched and spec.edit_latents is None and spec.edit_errors is None:
                 return act  # decode(encode(x)) + (x - decode(encode(x))) is x: return it bit-exactly
             decoded = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1)
@@ -157,7 +163,8 @@ class ReplacementModel:
             if site in spec.offsets:
                 new = new + spec.offsets[site]
             keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
-            new = torch.where(keep, act.reshape(b, p, -1), new)
+            own = spec.unspliced[site].to(act.dtype) if site in spec.unspliced else act.reshape(b, p, -1)
+            new = torch.where(keep, own, new)
             return new.reshape(act.shape).to(act.dtype)
 
         hooks: list[tuple[str, Callable]] = []
@@ -177,7 +184,7 @@ class ReplacementModel:
             return []
         width = self.model.cfg.d_model
         touched = (spec.edit_latents is not None or spec.edit_errors is not None
-                   or any(s in spec.latents or s in spec.errors or s in spec.offsets for s in sites))
+                   or any(s in x for s in sites for x in (spec.latents, spec.errors, spec.offsets, spec.unspliced)))
         clean_sum: dict[int, torch.Tensor] = {}
         used_sum: dict[int, torch.Tensor] = {}
         pending: dict[Site, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
@@ -221,7 +228,8 @@ class ReplacementModel:
                 if not touched:
                     return act  # the writes plus their error are the activation: return it bit-exactly
                 keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
-                new = torch.where(keep, act.reshape(b, p, -1), used + errors)
+                own = spec.unspliced[site].to(act.dtype) if site in spec.unspliced else act.reshape(b, p, -1)
+                new = torch.where(keep, own, used + errors)
                 return new.reshape(act.shape).to(act.dtype)
 
             return hook

@@ -14,6 +14,7 @@ owns that arithmetic (key -> kind, site, position, value); everything else asks 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,25 @@ class FeatureBlock:
     """``[A]`` int64 latent index of each active feature."""
     values: torch.Tensor
     """``[A]`` latent value of each active feature."""
+    slots: torch.Tensor
+    """``[P, K]`` int64: the features active at each position as block offsets (``key - start``),
+    padded with -1 to the most active at one position (``K``): a dense per-position layout, so
+    products with the features' decoder rows are batched matrix products."""
 
     @property
     def stop(self) -> int:
         return self.start + self.pos.numel()
+
+
+def _slots(pos: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """``[P, K]`` block offsets of the features at each position (``pos`` sorted), -1 padded."""
+    counts = torch.bincount(pos, minlength=n_pos)  # [P]
+    k = int(counts.max()) if pos.numel() else 0
+    first = torch.cumsum(counts, 0) - counts  # [P] offset of each position's first feature
+    slots = torch.full((n_pos, k), -1, dtype=torch.long)
+    offsets = torch.arange(pos.numel())
+    slots[pos, offsets - first[pos]] = offsets
+    return slots
 
 
 class SourceLayout:
@@ -52,16 +68,19 @@ class SourceLayout:
         self.blocks: list[FeatureBlock] = []
         start = self.n_pos
         for site in sites:
-            lat = clean.sites[site].latents[0]  # [P, d_dict]
+            lat = clean.sites[site].latents[0]  # [P, d_dict], on the model's device
             active = lat.clone()
             active[0] = 0  # BOS is never spliced: its latents are no nodes
             p_idx, f_idx = active.nonzero(as_tuple=True)
-            self.blocks.append(FeatureBlock(site, start, p_idx, f_idx, lat[p_idx, f_idx]))
+            values = lat[p_idx, f_idx].cpu()
+            p_idx, f_idx = p_idx.cpu(), f_idx.cpu()  # the layout lives on the CPU
+            self.blocks.append(FeatureBlock(site, start, p_idx, f_idx, values, _slots(p_idx, self.n_pos)))
             start += p_idx.numel()
+        self._starts = [b.start for b in self.blocks]
         self.error_start = start
         """Key of the first error node (site ``i``'s errors: ``error_start + i * (P - 1) + pos - 1``)."""
         self.n_sources = start + len(sites) * (self.n_pos - 1)
-        self.error_norms = [clean.sites[s].errors[0, 1:].norm(dim=-1) for s in sites]  # [P-1] per site
+        self.error_norms = [clean.sites[s].errors[0, 1:].norm(dim=-1).cpu() for s in sites]  # [P-1] per site
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -76,10 +95,18 @@ class SourceLayout:
     # --- key lookups ---------------------------------------------------------------------------
     def block_of(self, key: int) -> int:
         """Index of the site block holding feature ``key``."""
-        for i, b in enumerate(self.blocks):
-            if b.start <= key < b.stop:
-                return i
-        raise IndexError(f"key {key} is no feature key")
+        if not self.n_pos <= key < self.error_start:
+            raise IndexError(f"key {key} is no feature key")
+        return bisect.bisect_right(self._starts, key) - 1
+
+    def positions(self) -> torch.Tensor:
+        """``[n_sources]`` int64 position of every source key."""
+        err = torch.arange(1, self.n_pos).repeat(len(self.sites))
+        return torch.cat([torch.arange(self.n_pos), *(b.pos for b in self.blocks), err])
+
+    def feature_depths(self) -> torch.Tensor:
+        """``[n_features]`` forward-order depth (:func:`site_depth`) of every feature key."""
+        return torch.cat([torch.full((b.pos.numel(),), site_depth(b.site)) for b in self.blocks] or [torch.zeros(0)])
 
     def position(self, key: int) -> int:
         """Position of source ``key``."""

@@ -23,9 +23,9 @@ seconds), peak RSS the process's peak just after the build. Two modes per cell:
 Edges: both graphs' incoming edges of ~200 sampled feature targets and every logit target are
 compared by node id; ``edges_max_rel_diff`` = max |ours - theirs| / max |theirs| over them (tok@0
 excluded when our BOS convention is ``keep``, reported apart as ``bos_edges_max_rel_diff``).
-circuit-tracer is skipped where its dense N x N matrices (three copies at its peak) would not fit
-in ``--ct-max-gb``. ``--check-device cuda`` instead builds ours on CPU and on that device and
-compares their edges (``benchmarks/gpu_check.sh``).
+circuit-tracer is skipped where its estimated memory (three dense N x N matrices at its peak, plus
+the forward pass of its batch of prompt copies) exceeds ``--ct-max-gb``. ``--check-device cuda`` instead builds ours on CPU and on that device
+and compares their edges (``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -213,13 +213,17 @@ def _gpu_mb() -> dict:
 
 
 def compare(a: dict, b: dict, skip_bos: bool) -> dict:
-    """Edges of the targets both sampled: max |a - b| / max |b|, tok@0 apart when ``skip_bos``."""
+    """Edges of the targets both sampled, from sources that are nodes of both graphs (a feature is a
+    node where it was visited): max |a - b| / max |b|, tok@0 apart when ``skip_bos``."""
     diff = bos_diff = scale = 0.0
     count = 0
+    both = set(a["visited"]) & set(b["visited"])
     for target in a["sample"].keys() & b["sample"].keys():
         wa = dict(zip(a["sample"][target][0], a["sample"][target][1].tolist(), strict=True))
         wb = dict(zip(b["sample"][target][0], b["sample"][target][1].tolist(), strict=True))
         for s in wa.keys() | wb.keys():
+            if "#" in s and "#err" not in s and s not in both:
+                continue
             d = abs(wa.get(s, 0.0) - wb.get(s, 0.0))
             if skip_bos and s == "tok@0":
                 bos_diff = max(bos_diff, d / max(abs(wb.get(s, 0.0)), 1e-30))
@@ -262,11 +266,14 @@ def best_of(side: str, cell: str, mode: str, args, device: str, sample_out: str)
     return {**min(ok, key=lambda r: r["seconds"]), "repeats": len(ok)} if ok else runs[0]
 
 
-def ct_gb(cell: str) -> float:
-    """circuit-tracer's dense matrices at its peak: about three N x N float32 copies."""
-    n_layers, _, _, _, n_pos = CELLS[cell]
+def ct_gb(cell: str, batch: int) -> float:
+    """circuit-tracer's memory, estimated: about three N x N float32 copies of its dense matrices at
+    its peak, plus the forward pass of ``batch`` prompt copies it keeps for the backward passes
+    (about 17 [batch, P, d_model] tensors a layer, measured from its RSS on cell L at batch 64)."""
+    n_layers, d, _, _, n_pos = CELLS[cell]
     n = n_layers * (n_pos - 1) * K + (n_layers + 1) * n_pos + 10
-    return 3 * n * n * 4 / 2**30
+    forward = 17 * batch * n_pos * d * n_layers + batch * (d // 64) * n_pos**2 * n_layers
+    return (3 * n * n + forward) * 4 / 2**30
 
 
 def load() -> str:
@@ -279,8 +286,9 @@ def measure(cell: str, mode: str, args, tmp: Path) -> dict:
     mine = best_of("ours", cell, mode, args, args.device, str(tmp / "ours.pt"))
     if args.check_device:
         theirs = best_of("ours", cell, mode, args, args.check_device, str(tmp / "theirs.pt"))
-    elif ct_gb(cell) > args.ct_max_gb:
-        theirs = {"error": f"skipped: circuit-tracer's dense matrices need about {ct_gb(cell):.0f} GiB"}
+    elif ct_gb(cell, args.batch if mode == "equal" else 512) > args.ct_max_gb:
+        need = ct_gb(cell, args.batch if mode == "equal" else 512)
+        theirs = {"error": f"skipped: circuit-tracer would need about {need:.0f} GiB (--ct-max-gb {args.ct_max_gb:g})"}
     else:
         theirs = best_of("theirs", cell, mode, args, args.device, str(tmp / "theirs.pt"))
     row.update({"ours_s": mine.get("seconds"), "theirs_s": theirs.get("seconds"),
@@ -309,7 +317,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeat-under", type=float, default=60.0, help="repeat only builds faster than this (s)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per build (s)")
-    ap.add_argument("--ct-max-gb", type=float, default=16.0, help="skip circuit-tracer where its dense matrices exceed this")
+    ap.add_argument("--ct-max-gb", type=float, default=16.0, help="skip circuit-tracer where its estimated memory exceeds this")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check-device", default=None, help="compare ours on --device with ours on this device instead")
     ap.add_argument("--json", action="store_true", help="one JSON object per line per cell and mode")

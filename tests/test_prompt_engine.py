@@ -151,12 +151,18 @@ def test_edge_store_remaps_and_filters_alike_in_memory_and_on_disk(tmp_path):
     new_index = torch.randperm(60, generator=gen)
     keep = torch.rand(60, generator=gen) > 0.3
     out = []
-    for budget in (10**9, 100):
-        store = EdgeStore(budget, spill_dir=str(tmp_path))
+    for budget, slab in ((10**9, 1 << 24), (10**9, 8), (300, 8), (100, 8)):  # one slab, several, spilled late / early
+        store = EdgeStore(budget, spill_dir=str(tmp_path), slab_edges=slab)
         for c in chunks:
             store.add(*c)
-        assert store.spilled == (budget == 100) and store.n_edges == 49
+        assert store.spilled == (budget < 10**9) and store.n_edges == 49
+        assert sum(c.sources.numel() for c in store.chunks(rows=5)) == 49
         out.append(store.finish(new_index, keep))
+    store = EdgeStore(10**9)
+    for c in chunks:
+        store.add(*c)
+    whole = store.finish(None, None)  # one slab, nothing remapped: the slab itself
+    assert torch.equal(whole.sources.long(), torch.cat([c[0] for c in chunks]))
     src, tgt, w = (torch.cat(x) for x in zip(*chunks, strict=True))
     ok = keep[src]
     for edges in out:

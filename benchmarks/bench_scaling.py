@@ -284,7 +284,9 @@ def measure(cell: str, mode: str, args, tmp: Path) -> dict:
     row = {"cell": cell, "mode": mode, "shape": "x".join(map(str, CELLS[cell][:4])), "tokens": CELLS[cell][4],
            "threads": args.threads, "device": args.device, "load_before": load()}
     mine = best_of("ours", cell, mode, args, args.device, str(tmp / "ours.pt"))
-    if args.check_device:
+    if args.ours_only:
+        theirs = {"error": "not run (--ours-only)"}
+    elif args.check_device:
         theirs = best_of("ours", cell, mode, args, args.check_device, str(tmp / "theirs.pt"))
     elif ct_gb(cell, args.batch if mode == "equal" else 512) > args.ct_max_gb:
         need = ct_gb(cell, args.batch if mode == "equal" else 512)
@@ -320,6 +322,7 @@ def main() -> None:
     ap.add_argument("--ct-max-gb", type=float, default=16.0, help="skip circuit-tracer where its estimated memory exceeds this")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check-device", default=None, help="compare ours on --device with ours on this device instead")
+    ap.add_argument("--ours-only", action="store_true", help="skip circuit-tracer (e.g. batch-size sweeps)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line per cell and mode")
     ap.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     ap.add_argument("--cell", help=argparse.SUPPRESS)

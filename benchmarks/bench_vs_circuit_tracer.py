@@ -9,11 +9,15 @@ A random 2-layer d_model-64 model (LayerNorm, GELU) and random ReLU transcoders 
 MLP output, ~24 active features per token) are built once and given to both libraries, with the
 same prompt, up to 10 logits, the same batch size and thread count.
 
-* **equal work** (the ratio that counts): circuitgraph visits every feature with non-zero
-  influence; circuit-tracer is capped (``max_feature_nodes``) at that many features, and the
-  script checks that both visited the *same* feature set;
+* **equal work** (the ratio that counts): circuitgraph's budget covers every active feature, so
+  it visits them all; circuit-tracer is capped (``max_feature_nodes``) at that many features, and
+  the script checks that both visited the *same* feature set;
 * **defaults vs defaults** (labelled as such): each library with its own default feature budget
-  (ours 1,000 features, circuit-tracer every active feature) at the same batch size.
+  and batch size (ours 1,000 features, batches sized by memory; circuit-tracer every active
+  feature at batch 512).
+
+The model is tiny (d_model 64); ``benchmarks/bench_scaling.py`` compares the two at real sizes.
+Our graphs use ``bos="detach"`` here (circuit-tracer's convention), so every shared edge compares.
 
 Prints, per row, what each side did (features visited, batch, threads), the best-of-N times and
 their ratio; the replacement and completeness scores of both graphs computed with
@@ -70,7 +74,8 @@ def ours(cfg, tc, tokens, batch, max_features: int = 10**9):
             d.b_dec.copy_(b_dec)
         dicts[Site(layer, "transcoder")] = d
     rm = ReplacementModel(model, dicts)
-    acfg = LinearAttributionConfig(max_feature_nodes=max_features, batch_size=batch, max_logits=10, progress=False)
+    acfg = LinearAttributionConfig(max_feature_nodes=max_features, batch_size=batch, max_logits=10, progress=False,
+                                   bos="detach")
     attribute_prompt(rm, tokens[:, :8], acfg)  # warm-up
     t = time.perf_counter()
     graph = attribute_prompt(rm, tokens, acfg)

@@ -20,8 +20,9 @@ from circuitgraph.replacement.model import ReplacementModel
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = {"cpu": 128, "cuda": 1024}
-"""Largest automatic batch: on a CPU bigger batches stop paying (measured by benchmarks/bench_scaling.py)."""
+MAX_BATCH = {"cpu": 64, "cuda": 1024}
+"""Largest automatic batch: on a CPU, larger batches measured slower (the batch sweep in
+docs/benchmarks.md)."""
 
 
 def resolve_device(name: str, rm: ReplacementModel) -> torch.device:

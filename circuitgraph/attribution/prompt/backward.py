@@ -59,7 +59,11 @@ class Prefix(NamedTuple):
 
 
 class FrozenBackward:
-    """The frozen model of one prompt: the incoming edges of batches of targets, and the visit loop."""
+    """The frozen model of one prompt: the incoming edges of batches of targets, and the visit loop.
+
+    ``bos_outputs``: each site's recorded output at BOS; held fixed there (``bos="detach"``, and
+    ``keep`` in a causal model, where ``bos_deltas`` then gives ``tok@0``'s share, see bos.py).
+    ``bos_deltas`` ``None`` with ``keep``: the BOS outputs stay live (bidirectional models)."""
 
     def __init__(self, rm: ReplacementModel, tokens: torch.Tensor, clean: RunResult, layout: SourceLayout,
                  outputs: OutputTargets, *, causal: bool, bos: BosMode, bos_outputs: dict[Site, torch.Tensor],
@@ -69,25 +73,36 @@ class FrozenBackward:
         self.device = tokens.device
         self.embed = rm.model.embed(tokens).detach()  # [1, P, d_model]
         self.bos_outputs = bos_outputs if bos == "detach" or bos_deltas is not None else {}
-        self.bos_deltas = bos_deltas  # keep + causal: BOS outputs are leaves, tok@0 gains g . delta
-        self.dec_pad, self.enc_rows, self.slot_keys = {}, {}, {}
-        for site, b in zip(self.sites, layout.blocks, strict=True):
-            d = rm.dicts[site]
-            rows = d.decoder_directions().detach()[b.feat.to(self.device)] * b.values.to(self.device)[:, None]
-            valid = b.slots >= 0
-            pad = rows.new_zeros(*b.slots.shape, rows.shape[1])  # [P, K, d_out]
-            pad[valid.to(self.device)] = rows[b.slots[valid].to(self.device)]
-            self.dec_pad[site] = pad
-            self.enc_rows[site] = d.active_directions().detach()[:, b.feat.to(self.device)].T.contiguous()  # [A, d_in]
-            self.slot_keys[site] = torch.where(valid, b.slots + b.start, -1)  # [P, K] key of each slot
+        self.bos_deltas = bos_deltas
+        self.dec_pad: dict[Site, torch.Tensor] = {}
+        """``[P, K, d_out]`` per site: value x decoder row of the features active at each position (0-padded)."""
+        self.enc_rows: dict[Site, torch.Tensor] = {}
+        """``[A, d_in]`` per site: each active feature's encoder direction (its target seed)."""
+        self.slot_keys: dict[Site, torch.Tensor] = {}
+        """``[P, K]`` per site: the key of each slot of ``dec_pad`` (-1: padding)."""
+        for site, block in zip(self.sites, layout.blocks, strict=True):
+            self.dec_pad[site], self.enc_rows[site], self.slot_keys[site] = self._feature_tables(site, block)
         self.key_pos = torch.cat([layout.positions(), torch.tensor(outputs.positions, dtype=torch.long)])
+        """``[n_sources + n_outputs]`` position of every key."""
         self.key_depth = torch.cat([torch.full((layout.n_pos,), -1.0), layout.feature_depths(),
                                     torch.full((layout.n_sources - layout.error_start,), 0.0),
                                     torch.full((len(outputs),), float(rm.model.cfg.n_layers) + 1)])
-        n_pos = layout.n_pos
-        step = -(-n_pos // N_PREFIXES)
-        self.prefix_ends = sorted({min(n_pos, step * (i + 1)) for i in range(N_PREFIXES)}) if causal else [n_pos]
+        """``[n_sources + n_outputs]`` forward-order depth of every key (orders batches)."""
+        step = -(-layout.n_pos // N_PREFIXES)
+        self.prefix_ends = sorted({min(layout.n_pos, step * (i + 1)) for i in range(N_PREFIXES)}) if causal \
+            else [layout.n_pos]
+        """Lengths of the prefix graphs."""
         self._prefixes: dict[int, Prefix] = {}
+
+    def _feature_tables(self, site: Site, block) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dec_pad``, ``enc_rows`` and ``slot_keys`` of one site (see ``__init__``): active rows only."""
+        d, dev = self.rm.dicts[site], self.device
+        rows = d.decoder_directions().detach()[block.feat.to(dev)] * block.values.to(dev)[:, None]  # [A, d_out]
+        valid = block.slots >= 0
+        pad = rows.new_zeros(*block.slots.shape, rows.shape[1])
+        pad[valid.to(dev)] = rows[block.slots[valid].to(dev)]
+        enc = d.active_directions().detach()[:, block.feat.to(dev)].T.contiguous()
+        return pad, enc, torch.where(valid, block.slots + block.start, -1)
 
     # --- frozen graphs -------------------------------------------------------------------------
     def prefix_of(self, keys: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,8 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
     Returns:
         The :class:`Graph`; for a dataset its ``metadata`` holds the held-out numbers
         (``faithfulness``, ``faithfulness_features_only``, ``ceiling``, ...). Prompt graphs are
-        returned whole: prune them with :func:`prune`.
+        returned whole: prune them with :func:`prune`; their ``metadata["outputs"]`` holds the
+        model's likeliest next tokens (and answer / contrast) with probabilities and logits.
     """
     if granularity not in ("features", "components"):
         raise CircuitGraphError(f"granularity must be 'features' or 'components', got {granularity!r}")
@@ -217,9 +218,14 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
         if metric is not None:
             raise CircuitGraphError("a prompt graph explains answer / contrast (or the likeliest logits); metric= "
                                     "applies to datasets")
+        from circuitgraph.viewer.outputs import prompt_outputs
+
         tokens = prompt_tokens(base, data) if isinstance(data, str) else data
-        return attribute_prompt(rm, tokens, _config(LinearAttributionConfig, settings, "a prompt graph", config),
-                                metric=answer_target(base, answer, contrast))
+        graph = attribute_prompt(rm, tokens, _config(LinearAttributionConfig, settings, "a prompt graph", config),
+                                 metric=answer_target(base, answer, contrast))
+        graph.metadata["outputs"] = prompt_outputs(base, tokens, answer, contrast,
+                                                   [n.index for n in graph.nodes if n.kind == "logit"])
+        return graph
     if answer is not None or contrast is not None:
         raise CircuitGraphError("answer / contrast choose what a prompt graph explains; a dataset has its own answers")
     if config is None:

@@ -16,6 +16,8 @@ from circuitgraph.graph.pruning import prune_graph
 from circuitgraph.viewer.browser import chrome, find_chromium, open_page
 from circuitgraph.viewer.export import circuit_tracer_json, export_graph
 from circuitgraph.viewer.html import render_html, to_html
+from circuitgraph.viewer.style import EDGE_EXCITE, EDGE_INHIBIT, SHAPES, SITE_COLORS, legend_html, node_color
+from circuitgraph.viewer.views import CT_VIEW
 
 HOSTILE = ['<script>window.cgPwned=1</script>', '"><img src=x onerror="window.cgPwned=2">', "</script><b>x</b>"]
 
@@ -58,11 +60,12 @@ def test_large_graph_page_holds_only_its_views(tmp_path):
     g = Graph(nodes, torch.ones(n + 1), src, torch.full((n,), n), torch.rand(n, generator=torch.Generator().manual_seed(0)),
               torch.cat([torch.zeros(n), torch.ones(1)]))
     data = _data(render_html(g, max_edges=20))
+    assert data["default_view"] == CT_VIEW  # 20 features in one column: readable, so circuit-tracer's view
     default = data["views"][data["default_view"]]
     ref = prune_graph(g, 0.8, 0.98, max_edges=20)
     assert (default["n_nodes"], default["n_edges"]) == (ref.n_nodes, ref.n_edges) == (21, 20)
     assert data["page_edges"] == len(data["edges"]) // 4 == 10 * 20 and len(data["nodes"]) == 10 * 20 + 1
-    assert data["summary"].startswith("circuitgraph: 801 nodes, 800 edges")
+    assert data["summary"].startswith("801 nodes, 800 edges") and data["title"] == "graph"
 
 
 def test_exports_round_trip(tmp_path):
@@ -103,6 +106,8 @@ def test_browser_renders_graph_and_never_runs_markup(tmp_path):
         driver.execute_script("cgShow('L0.transcoder#3@1')")
         card = driver.execute_script("return document.getElementById('cg-card').textContent")
         assert HOSTILE[0] in card and HOSTILE[1] in card and driver.execute_script("return window.cgPwned") is None
+        assert driver.title == f'prompt graph of "{HOSTILE[0]}"'
+        assert driver.find_element("id", "cg-title").text == driver.title
         driver.execute_script("cgShow('tok@1')")
         assert HOSTILE[1].replace('"', '\\"') in driver.execute_script("return document.getElementById('cg-card').textContent")
         driver.execute_script("cgHighlight('tok@1'); cgHighlight(null)")
@@ -141,3 +146,34 @@ def test_header_shows_the_honest_numbers():
     for text in ("faithfulness 0.824", "faithfulness features only 0.189", "faithfulness errors only 0.212",
                  "ceiling 0.357", "completeness 1.003"):
         assert text in s
+
+
+def test_colours_and_shapes_tell_kinds_apart():
+    """Okabe-Ito colours: site kinds distinct (residual sites share one), none in an edge colour;
+    components a shape of their own; the legend names only what a page holds."""
+    kinds = {k: c for k, c in SITE_COLORS.items() if not k.startswith("resid")} | {"resid": SITE_COLORS["resid_post"]}
+    assert len(set(kinds.values())) == len(kinds)
+    assert not {c.lower() for c in SITE_COLORS.values()} & {EDGE_EXCITE.lower(), EDGE_INHIBIT.lower()}
+    assert SHAPES["component"] not in {SHAPES[k] for k in SHAPES if k != "component"}
+    head, mlp = Node("component", 0.5, "L0.head1"), Node("component", 1.5, "L1.mlp")
+    assert node_color(head) != node_color(mlp)
+    legend = legend_html([Node("feature", 0.7, "L0.transcoder", 1, 0), Node("metric", 2, name="m")], False, {True})
+    assert "transcoder" in legend and "metric" in legend and "excites" in legend
+    for absent in ("token", "error", "attention", "MLP", "supernode", "inhibits", "output"):
+        assert absent not in legend
+
+
+def test_component_circuit_header_shows_only_its_numbers():
+    """A component circuit (heads and MLPs, an embedding node without a position): no prompt-graph
+    replacement / completeness scores, which would read 1.000 by construction."""
+    nodes = [Node("token", -1.0), Node("component", 0.5, "L0.head1"), Node("component", 1.5, "L1.mlp"),
+             Node("metric", 1e3, name="logit_diff")]
+    g = Graph(nodes, torch.tensor([0.0, 1.0, 1.0, 3.0]), torch.tensor([0, 1, 0, 2]), torch.tensor([1, 2, 2, 3]),
+              torch.tensor([1.0, 0.5, 0.2, 2.0]), torch.tensor([0, 0, 0, 1.0]),
+              metadata={"task": "ioi", "n_prompts": 8, "metric": "logit_diff", "completeness": 0.9, "faithfulness": 0.8})
+    data = _data(render_html(g))
+    assert "replacement" not in data["summary"] and "completeness score" not in data["summary"]
+    assert "faithfulness 0.800" in data["summary"] and "completeness 0.900" in data["summary"]
+    assert data["metric"] == "mean logit(answer) − logit(wrong) = 3.00"
+    assert data["title"] == "ioi circuit (8 prompts) → mean logit(answer) − logit(wrong) = 3.00"
+    assert {n["id"]: n["kind"] for n in data["nodes"]}["L0.head1"] == "component"

@@ -13,15 +13,30 @@ from pathlib import Path
 from circuitgraph.errors import CircuitGraphError
 
 SHOWN_JS = """
-var shown = nodes.get({filter: function (n) { return !n.hidden; }});
-var pos = network.getPositions(shown.map(function (n) { return n.id; }));
-return shown.map(function (n) {
+var shown = nodes.get({filter: function (n) { return !n.hidden; }}), ids = shown.map(function (n) { return n.id; });
+var scale = network.getScale(), at = network.getViewPosition(), pos = network.getPositions(ids);
+var r = document.querySelector('#mynetwork canvas').getBoundingClientRect(), screen = {};
+ids.forEach(function (id) {
+  var d = network.canvasToDOM(pos[id]);
+  screen[id] = d.x >= 0 && d.y >= 0 && d.x <= r.width && d.y <= r.height;
+});
+// vis-network lays out the labels of the nodes it draws, and draws only those in the window: show
+// them all for a moment to read every label box, then go back
+network.fit({animation: false});
+network.redraw();
+var out = shown.map(function (n) {
   var b = network.body.nodes[n.id], L = b.labelModule.size;
   return {id: n.id, x: pos[n.id].x, y: pos[n.id].y, size: b.options.size, shape: b.options.shape,
-          opacity: b.options.opacity === undefined ? 1 : b.options.opacity, label: [L.left, L.top, L.width, L.height]};
+          opacity: b.options.opacity === undefined ? 1 : b.options.opacity, label: [L.left, L.top, L.width, L.height],
+          label_px: b.options.font.size * scale, color: b.options.color.background, on_screen: screen[n.id]};
 });
+network.moveTo({position: at, scale: scale, animation: false});
+network.redraw();
+return out;
 """
-"""Every drawn node: position, size, shape, opacity and label box (canvas units, from vis-network itself)."""
+"""Every drawn node: position, size, shape, opacity, label box (canvas units), label height on screen
+(font size times zoom, in pixels), fill colour and whether its centre is in the window, all read
+from vis-network itself."""
 
 REACH = {"star": 1.3, "triangle": 1.16}
 """How far vis-network draws a shape beyond its ``size`` (its star's points, its triangle's apex)."""

@@ -24,18 +24,20 @@ from pathlib import Path
 
 from circuitgraph.graph.graph import Graph
 from circuitgraph.viewer.layout import FONT_PX
-from circuitgraph.viewer.page_data import COLORS, SHAPES, page_data, suggested_groups
-from circuitgraph.viewer.views import DEFAULT_VIEW, compute_views, view_specs
+from circuitgraph.viewer.page_data import page_data, suggested_groups
+from circuitgraph.viewer.style import legend_html
+from circuitgraph.viewer.views import compute_views, view_specs
 
 log = logging.getLogger(__name__)
 
-_GLYPHS = {"square": "■", "dot": "●", "diamond": "◆", "triangle": "▲", "star": "★", "hexagon": "⬢"}
 _SCRIPT = Path(__file__).with_name("page.js")
 
 _PANEL = """
-<div id="cg-panel" style="position:fixed;top:0;right:0;width:34%;height:100%;overflow:auto;background:#fafafa;
+<div id="cg-panel" style="position:fixed;top:0;right:0;width:30%;height:100%;overflow:auto;background:#fafafa;
  border-left:1px solid #ccc;font:13px sans-serif;padding:8px;box-sizing:border-box">
  <div id="cg-title" style="font-weight:bold;font-size:15px"></div>
+ <div id="cg-metric" style="margin:4px 0;font-family:monospace"></div>
+ <div id="cg-outputs" style="margin:4px 0;font-family:monospace"></div>
  <div id="cg-meta" style="margin:4px 0;color:#333"></div>
  <div id="cg-prompt" style="margin:4px 0;font-family:monospace;white-space:pre-wrap"></div>
  <div style="margin:6px 0"><label>detail <input id="cg-view" type="range" min="0" max="0" step="1" value="0"></label>
@@ -52,50 +54,48 @@ _PANEL = """
 """
 
 
-def _legend() -> str:
-    """The legend: node kinds by shape, feature colours by site kind, edge colours by sign."""
-    def item(shape: str, color: str, text: str) -> str:
-        return (f'<span style="color:{color}">{_GLYPHS[shape]}</span> {html_lib.escape(text)} ')
-
-    kinds = [("token", "token"), ("feature", "feature"), ("error", "error"), ("logit", "output token (probability)"),
-             ("metric", "metric"), ("supernode", "supernode"), ("component", "head / MLP")]
-    parts = [item(SHAPES[k], COLORS.get(k, "#1565c0"), text) for k, text in kinds]
-    sites = [item("dot", COLORS[k], k) for k in ("resid_post", "attn_z", "mlp_out", "transcoder", "clt")]
-    edges = ('<span style="color:#1e88e5">━</span> excites <span style="color:#e53935">━</span> inhibits')
-    return "".join(parts) + "<br>features by site: " + "".join(sites) + "<br>edges: " + edges
-
-
 def _json_block(value: object) -> str:
     """JSON for a ``<script type="application/json">`` block: nothing in it can close the block."""
     return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False).replace("<", "\\u003c").replace(
         ">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_html(g: Graph, max_nodes: int | None = None, title: str = "circuitgraph", max_edges: int = 500) -> str:
-    """The page as a string (see the module docstring); ``max_nodes`` caps the features of every view."""
+def render_html(g: Graph, max_nodes: int | None = None, title: str | None = None, max_edges: int = 500) -> str:
+    """The page as a string (see the module docstring); ``max_nodes`` caps the features of every
+    view; ``title`` defaults to the prompt or task and the metric."""
     from pyvis.network import Network
 
     views = compute_views(g, view_specs(max_edges), max_nodes)
-    data = page_data(g, views, title, suggested_groups(g, views))
+    data = page_data(g, views, title)
+    data["groups"] = suggested_groups(g, views, data["default_view"])
     data["supernodes"] = g.metadata.get("supernodes") if isinstance(g.metadata.get("supernodes"), dict) else None
-    net = Network(height="100vh", width="66%", directed=True, cdn_resources="in_line", heading="")
+    net = Network(height="100vh", width="70%", directed=True, cdn_resources="in_line", heading="")
     first_xy: dict[int, tuple[int, int]] = {}
     for v, doc in enumerate(data["views"]):  # each node starts where its sparsest view puts it
-        for j, p in enumerate(views.nodes_of(v)):
+        for j, p in enumerate(views.drawn_of(v)):
             first_xy.setdefault(p, (doc["xy"][2 * j], doc["xy"][2 * j + 1]))
+    default = data["default_view"]
     for p, n in enumerate(data["nodes"]):
         x, y = first_xy[p]
         style = n.pop("style")  # drawn by vis-network only: the page's own table does not repeat it
         font = {} if n["font"] == FONT_PX else {"font": {"size": n["font"]}}
-        net.add_node(n["id"], label=n["label"], x=x, y=y, hidden=not (n["views"] >> DEFAULT_VIEW & 1), **style, **font)
+        net.add_node(n["id"], label=n["label"], x=x, y=y, hidden=not (n["views"] >> default & 1 or n["pin"]), **style,
+                     **font)
     net.set_options(json.dumps({
         "physics": {"enabled": False}, "layout": {"improvedLayout": False},
         "interaction": {"hover": True, "multiselect": True, "tooltipDelay": 300},
-        "nodes": {"font": {"face": "monospace", "size": FONT_PX, "color": "#222222"}, "borderWidth": 1, "physics": False},
+        "nodes": {"font": {"face": "monospace", "size": FONT_PX, "color": "#222222", "background": "rgba(255,255,255,0.7)"},
+                  "borderWidth": 1, "physics": False},
         "edges": {"smooth": False, "arrows": {"to": {"enabled": True, "scaleFactor": 0.35}}}}))
     page = net.generate_html()
     page = _offline(page)
-    panel = (_PANEL.replace("__LEGEND__", _legend()).replace("__SCRIPT__", _SCRIPT.read_text(encoding="utf-8"))
+    page = re.sub(r"<title>.*?</title>", lambda _: "<title>" + html_lib.escape(data["title"]) + "</title>", page,
+                  count=1, flags=re.S)
+    if "<title>" not in page:
+        page = page.replace("<head>", "<head><title>" + html_lib.escape(data["title"]) + "</title>", 1)
+    signs = {w >= 0 for w in data["edges"][2::4]}
+    legend = legend_html([g.nodes[gi] for gi in views.node_index], bool(data["groups"] or data["supernodes"]), signs)
+    panel = (_PANEL.replace("__LEGEND__", legend).replace("__SCRIPT__", _SCRIPT.read_text(encoding="utf-8"))
              .replace("__DATA__", _json_block(data)))
     return page.replace("</body>", panel + "</body>")
 

@@ -5,15 +5,17 @@ along the bottom), the offset from the answer (position-resolved dataset graphs)
 (graphs aggregated over positions); nodes without a position sit in a column of their own on the
 right, except the metric, which sits over the last position it explains. y is the depth in the
 forward pass, upward: token embeddings at the bottom, then every site row in forward order, the
-logits and, above them, the metric at the top.
+metric and, above it, the output tokens with the model's probabilities.
 
-Nodes sharing a cell (one column, one depth) stand side by side in slots wide enough for the
-widest label, wrapping into at most ``k`` sub-rows: a column is as many slots wide as its fullest
-cell needs for that, and ``k`` is chosen so the whole picture fits the page's graph area (of aspect
-:data:`ASPECT`) at the largest scale. Labels are drawn in a monospace font, so a label's
-width is known here: one slot holds any label of at most :data:`MAX_LABEL_UNITS` cells, and a
-sub-row is tall enough for the largest node and its label underneath. Hence no two nodes and no
-two labels overlap, at any zoom.
+Nodes sharing a cell (one column, one depth row) stand side by side in slots as wide as the
+cell's widest label, wrapping into the row's sub-rows: a crowded cell (the last position of a
+prompt holds most features) becomes a block several sub-rows tall within its depth band, not one
+long line. How many sub-rows each depth band gets is chosen by :func:`subrows`: the narrowest
+picture that fits the reference frame (:data:`FRAME`, the graph area of a 1400 x 900 window at
+labels of :data:`MIN_LABEL_PX` screen pixels) or, when none fits, the one with the largest scale;
+a prompt too long for the frame keeps the frame's height and grows to the right. Labels are
+drawn in a monospace font, so a label's width is known here, and a sub-row is tall enough for the
+largest node and its label underneath. Hence no two nodes and no two labels overlap, at any zoom.
 """
 
 from __future__ import annotations
@@ -25,21 +27,26 @@ from dataclasses import dataclass, field
 from circuitgraph.graph.nodes import Node
 
 FONT_PX = 12
-"""Default label font size (monospace) in canvas units."""
+"""Default label font size (monospace) in canvas units; the smallest label of a page."""
 CHAR_EM = 0.62
 """Advance of one monospace cell in font sizes, a little above the common 0.6 em."""
 MAX_LABEL_UNITS = 12
 """Labels are cut to this many monospace cells (wide characters count two)."""
-LABEL_EM = 1.5
-"""Height of a one-line label in font sizes."""
+LABEL_EM = 1.25
+"""Height of a one-line label in font sizes (the browser draws it 1 em tall)."""
 LABEL_PAD = 4.0
 """Distance of a label from its node."""
-GAP_PX = 10.0
+GAP_PX = 6.0
 """Free space between neighbouring slots, sub-rows and columns."""
-ROW_GAP_PX = 16.0
+ROW_GAP_PX = 10.0
 """Extra space between two depth rows."""
-ASPECT = 1.05
-"""Width / height the layout aims for (the graph area of a landscape window)."""
+MIN_LABEL_PX = 8.0
+"""The page opens at a zoom where every label is at least this many screen pixels tall."""
+FRAME_PX = (840.0, 735.0)
+"""The graph area of a 1400 x 900 browser window (a 1400 x 757 viewport) right of the row names,
+in screen pixels: the frame the layout and the page's default view are made for."""
+FRAME = (FRAME_PX[0] * FONT_PX / 8.5, FRAME_PX[1] * FONT_PX / 8.5)
+""":data:`FRAME_PX` in canvas units at labels of 8.5 px (a margin above :data:`MIN_LABEL_PX`)."""
 
 
 def label_units(text: str) -> int:
@@ -80,10 +87,13 @@ class Layout:
     """``(y, text)`` per depth row: what the row holds (``tokens``, ``L2 transcoder``, ``logits``)."""
     columns: list[tuple[float, str]] = field(default_factory=list)
     """``(x, text)`` per column of a graph without token nodes (offsets, or ``all positions``)."""
-    left: float = 0.0
-    """Smallest x of any slot (guides are drawn left of it)."""
-    bottom: float = 0.0
-    """Largest y of any label (column guides are drawn under it)."""
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """``(left, top, right, bottom)`` around every node and label (guides are drawn outside it)."""
+
+    def fits(self, frame: tuple[float, float] | None = None) -> bool:
+        """Whether the picture fits ``frame`` (default :data:`FRAME`): readable in a 1400 x 900 window."""
+        frame = frame or FRAME
+        return self.box[2] - self.box[0] <= frame[0] and self.box[3] - self.box[1] <= frame[1]
 
 
 def column_key(node: Node, last_pos: int | None) -> tuple[int, int]:
@@ -96,8 +106,9 @@ def column_key(node: Node, last_pos: int | None) -> tuple[int, int]:
 
 
 def row_key(node: Node) -> tuple[float, int]:
-    """Rows in bottom-to-top order: depth, and the metric above the logits it is made of."""
-    return (node.depth, 1 if node.kind == "metric" else 0)
+    """Rows in bottom-to-top order: depth, and the output tokens above the metric (no edge joins
+    them: the metric reads the residual stream itself, so edges into it never cross the outputs)."""
+    return (node.depth, 1 if node.kind == "logit" else 0)
 
 
 def _row_text(members: list[Node]) -> str:
@@ -106,7 +117,7 @@ def _row_text(members: list[Node]) -> str:
         if n.kind == "token":
             name = "tokens"
         elif n.kind in ("logit", "metric"):
-            name = n.kind + "s" if n.kind == "logit" else "metric"
+            name = "outputs" if n.kind == "logit" else "metric"
         elif n.kind == "supernode":
             name = "groups"
         elif n.site is not None and n.kind == "component":
@@ -126,6 +137,71 @@ def _column_text(key: tuple[int, int], positioned: bool) -> str:
     return f"position {key[1]}" if key[1] >= 0 else f"offset {key[1]}" + (" (answer)" if key[1] == -1 else "")
 
 
+@dataclass
+class Cells:
+    """The grid: members of each ``(column, row)`` cell and the sizes the packing needs."""
+
+    members: dict[tuple, list[int]]
+    """``(column key, row key)`` -> node indices, in drawing order."""
+    width: dict[tuple, float]
+    """Slot width of each cell: its widest label or node, plus a gap."""
+    pitch: dict[tuple, float]
+    """Sub-row height of each row: its largest node and label, plus a gap."""
+
+
+def subrows(cells: Cells, frame: tuple[float, float] = FRAME) -> dict[tuple, int]:
+    """Sub-rows per depth row. Starting from one each, the step that narrows the picture most per
+    unit of height added (every sub-row count a column's widest cells need to get narrower) is
+    taken until no column can narrow; of the pictures passed, the narrowest that fits ``frame``
+    wins, else the narrowest no taller than the frame, else the one with the largest scale."""
+    rows = sorted({r for _, r in cells.members})
+    by_col: dict = {}
+    for (c, r), m in cells.members.items():
+        by_col.setdefault(c, []).append((r, len(m), cells.width[(c, r)]))
+    t = {r: 1 for r in rows}
+
+    def col_width(c, tt) -> float:
+        return max(math.ceil(n / tt[r]) * w for r, n, w in by_col[c])
+
+    widths = {c: col_width(c, t) for c in by_col}
+    def extent() -> tuple[float, float, dict]:
+        return sum(widths.values()) + GAP_PX * len(widths), sum(cells.pitch[r] * t[r] for r in rows), dict(t)
+
+    states = [extent()]
+    while True:
+        best = None
+        for c, cell_list in by_col.items():
+            need, ok = {}, True
+            for r, n, w in cell_list:  # every cell as wide as the column must get narrower
+                if math.ceil(n / t[r]) * w >= widths[c] - 1e-9:
+                    k = math.ceil(n / t[r]) - 1
+                    if k < 1:
+                        ok = False
+                        break
+                    need[r] = max(need.get(r, t[r]), math.ceil(n / k))
+            if not ok or not need:
+                continue
+            trial = {**t, **need}
+            touched = {cc for cc, cl in by_col.items() if any(r in need for r, _, _ in cl)}
+            gain = sum(widths[cc] - col_width(cc, trial) for cc in touched)
+            cost = sum((need[r] - t[r]) * cells.pitch[r] for r in need)
+            if gain > 0 and (best is None or gain / cost > best[0]):
+                best = (gain / cost, need, touched)
+        if best is None:
+            break
+        t.update(best[1])
+        for cc in best[2]:
+            widths[cc] = col_width(cc, t)
+        states.append(extent())
+    fits = [s for s in states if s[0] <= frame[0] and s[1] <= frame[1]]
+    if fits:
+        return min(fits, key=lambda s: (max(s[0] / frame[0], s[1] / frame[1]), s[0]))[2]
+    flat = [s for s in states if s[1] <= frame[1]]
+    if flat:
+        return min(flat, key=lambda s: s[0])[2]
+    return min(states, key=lambda s: max(s[0] / frame[0], s[1] / frame[1]))[2]
+
+
 def layout(nodes: list[Node], labels: list[str], radius: list[float], fonts: list[float], order: list[float]) -> Layout:
     """Lay out ``nodes`` (all of them; pass only the ones to show).
 
@@ -139,58 +215,49 @@ def layout(nodes: list[Node], labels: list[str], radius: list[float], fonts: lis
     if not nodes:
         return Layout({})
     last_pos = max((n.pos for n in nodes if n.pos is not None), default=None)
-    cells: dict[tuple, list[int]] = {}
+    members: dict[tuple, list[int]] = {}
     for i, n in enumerate(nodes):
-        cells.setdefault((column_key(n, last_pos), row_key(n)), []).append(i)
-    for members in cells.values():
-        members.sort(key=lambda i: (nodes[i].kind == "error", order[i], nodes[i].id))
-    cols = sorted({c for c, _ in cells})
-    rows = sorted({r for _, r in cells})
-    slot = {c: max(max(label_units(labels[i]) * CHAR_EM * fonts[i], 2 * radius[i]) for (cc, _), m in cells.items()
-                   if cc == c for i in m) + GAP_PX for c in cols}
-    reach = {r: max(radius[i] for (_, rr), m in cells.items() if rr == r for i in m) for r in rows}
-    lab = {r: max(LABEL_EM * fonts[i] + LABEL_PAD for (_, rr), m in cells.items() if rr == r for i in m) for r in rows}
+        members.setdefault((column_key(n, last_pos), row_key(n)), []).append(i)
+    for m in members.values():
+        m.sort(key=lambda i: (nodes[i].kind == "error", order[i], nodes[i].id))
+    cols = sorted({c for c, _ in members})
+    rows = sorted({r for _, r in members})
+    width = {k: max(max(label_units(labels[i]) * CHAR_EM * fonts[i], 2 * radius[i]) for i in m) + GAP_PX
+             for k, m in members.items()}
+    reach = {r: max(radius[i] for (_, rr), m in members.items() if rr == r for i in m) for r in rows}
+    lab = {r: max(LABEL_EM * fonts[i] + LABEL_PAD for (_, rr), m in members.items() if rr == r for i in m) for r in rows}
     pitch = {r: 2 * reach[r] + lab[r] + GAP_PX for r in rows}
-    col_slots = _column_slots(cells, cols, rows, slot, pitch)
+    t = subrows(Cells(members, width, {r: pitch[r] + ROW_GAP_PX / 2 for r in rows}))
+    col_w = {c: max(math.ceil(len(m) / t[r]) * width[(c, r)] for (cc, r), m in members.items() if cc == c) for c in cols}
     col_left, x = {}, 0.0
     for c in cols:
         col_left[c] = x
-        x += col_slots[c] * slot[c] + GAP_PX
+        x += col_w[c] + GAP_PX
     xy: dict[int, tuple[float, float]] = {}
     row_guides: list[tuple[float, str]] = []
     base = 0.0
     for ri, r in enumerate(rows):
-        n_sub = max(math.ceil(len(m) / col_slots[c]) for (c, rr), m in cells.items() if rr == r)
         for c in cols:
-            members, wrap = cells.get((c, r), []), col_slots[c]
-            for k in range(0, len(members), wrap):
-                line = members[k:k + wrap]
-                x0 = col_left[c] + (wrap - len(line)) * slot[c] / 2
+            cell = members.get((c, r), [])
+            if not cell:
+                continue
+            wrap, w = math.ceil(len(cell) / t[r]), width[(c, r)]
+            for k in range(0, len(cell), wrap):
+                line = cell[k:k + wrap]
+                x0 = col_left[c] + (col_w[c] - len(line) * w) / 2
                 for j, i in enumerate(line):
-                    xy[i] = (x0 + (j + 0.5) * slot[c], base - (k // wrap) * pitch[r])
-        members_r = [nodes[i] for (_, rr), m in cells.items() if rr == r for i in m]
-        row_guides.append((base - (n_sub - 1) * pitch[r] / 2, _row_text(members_r)))
+                    xy[i] = (x0 + (j + 0.5) * w, base - (k // wrap) * pitch[r])
+        used = max(math.ceil(len(m) / math.ceil(len(m) / t[r])) for (_, rr), m in members.items() if rr == r)
+        row_guides.append((base - (used - 1) * pitch[r] / 2, _row_text([nodes[i] for (_, rr), m in members.items()
+                                                                         if rr == r for i in m])))
         if ri + 1 < len(rows):  # the next row's labels hang below its nodes: clear this row's top nodes
-            base -= (n_sub - 1) * pitch[r] + reach[r] + reach[rows[ri + 1]] + lab[rows[ri + 1]] + GAP_PX + ROW_GAP_PX
+            base -= (used - 1) * pitch[r] + reach[r] + reach[rows[ri + 1]] + lab[rows[ri + 1]] + GAP_PX + ROW_GAP_PX
     positioned = last_pos is not None
     col_guides = []
     if not any(n.kind == "token" for n in nodes):
-        col_guides = [(col_left[c] + col_slots[c] * slot[c] / 2, _column_text(c, positioned)) for c in cols]
-    return Layout(xy, row_guides, col_guides, left=0.0, bottom=reach[rows[0]] + lab[rows[0]])
-
-
-def _column_slots(cells: dict[tuple, list[int]], cols: list, rows: list, slot: dict, pitch: dict) -> dict:
-    """Slots per column: for a cap of ``k`` sub-rows per cell, each column is as wide as its fullest
-    cell needs; the ``k`` whose picture fits an :data:`ASPECT` frame at the largest scale wins."""
-    col_max = {c: max(len(m) for (cc, _), m in cells.items() if cc == c) for c in cols}
-    best: dict = {}
-    best_extent = math.inf
-    for k in range(1, max(col_max.values()) + 1):
-        slots = {c: math.ceil(col_max[c] / k) for c in cols}
-        width = sum(slots[c] * slot[c] + GAP_PX for c in cols)
-        height = sum(max(math.ceil(len(m) / slots[c]) for (c, rr), m in cells.items() if rr == r) * pitch[r]
-                     + ROW_GAP_PX for r in rows)
-        extent = max(width / ASPECT, height)
-        if extent < best_extent - 1e-9:
-            best, best_extent = slots, extent
-    return best
+        col_guides = [(col_left[c] + col_w[c] / 2, _column_text(c, positioned)) for c in cols]
+    half = [max(label_units(labels[i]) * CHAR_EM * fonts[i], 2 * radius[i]) / 2 for i in range(len(nodes))]
+    box = (min(xy[i][0] - half[i] for i in xy), min(xy[i][1] - radius[i] for i in xy),
+           max(xy[i][0] + half[i] for i in xy),
+           max(xy[i][1] + radius[i] + LABEL_PAD + LABEL_EM * fonts[i] for i in xy))
+    return Layout(xy, row_guides, col_guides, box)

@@ -6,7 +6,9 @@
   var D = JSON.parse(document.getElementById('cg-data').textContent);
   window.cgData = D;
   var N = D.nodes, E = D.edges, nE = E.length / 4;
-  var FONT = '#222222', FONT_DIM = 'rgba(34,34,34,0.15)';
+  var FONT = '#222222', FONT_DIM = 'rgba(34,34,34,0.15)', FONT_UNKEPT = '#9a9a9a', UNKEPT = 0.4;
+  var EXCITE = '#0072B2', INHIBIT = '#D55E00', LABEL_BG = 'rgba(255,255,255,0.7)';  // labels stay legible over edges
+  function font(size, color) { return {face: 'monospace', size: size, color: color, background: LABEL_BG}; }
   var S = {view: D.default_view, lit: null, groups: [], extra: [], drawn: {}, guideX: 0, guideY: 0};
   var indexOf = {};
   N.forEach(function (n, p) { indexOf[n.id] = p; });
@@ -29,13 +31,13 @@
   }
   function draw() {
     var v = S.view, doc = D.views[v], shown = {}, k = 0, rep = {}, supers = [];
-    N.forEach(function (n) { if (n.views >> v & 1) { shown[n.id] = [doc.xy[2 * k], doc.xy[2 * k + 1]]; k++; } });
+    N.forEach(function (n) { if (n.views >> v & 1 || n.pin) { shown[n.id] = [doc.xy[2 * k], doc.xy[2 * k + 1]]; k++; } });
     S.groups.forEach(function (g) {
       var present = g.members.filter(function (p) { return shown[N[p].id] !== undefined; });
       if (!g.collapsed || present.length === 0) return;
       var sid = superId(g.name), at = shown[N[present[0]].id];  // the first member's slot is free once it hides
       supers.push({id: sid, label: g.name + ' (' + present.length + ')', x: at[0], y: at[1], shape: 'hexagon',
-                   color: '#8e24aa', size: 14, physics: false, font: {color: FONT, face: 'monospace', size: D.font_px}});
+                   color: '#7F7F7F', size: 10, physics: false, font: font(D.font_px, FONT)});
       present.forEach(function (p) { rep[N[p].id] = sid; delete shown[N[p].id]; });
       g.drawn = present;
     });
@@ -51,13 +53,14 @@
     }
     var maxw = list.reduce(function (m, e) { return Math.max(m, Math.abs(e.w)); }, 1e-12);
     list.forEach(function (e) {
-      e.base = e.w >= 0 ? '#1e88e5' : '#e53935';
+      e.base = e.w >= 0 ? EXCITE : INHIBIT;
       e.color = {color: e.base, highlight: e.base, hover: e.base, opacity: 0.55};
       e.width = 0.4 + 4.6 * Math.abs(e.w) / maxw;
     });
     nodes.update(N.map(function (n) {
-      var at = shown[n.id];
-      return at ? {id: n.id, hidden: false, x: at[0], y: at[1], opacity: 1, font: {face: 'monospace', size: n.font, color: FONT}}
+      var at = shown[n.id], kept = (n.views >> v & 1) === 1;
+      return at ? {id: n.id, hidden: false, x: at[0], y: at[1], opacity: kept ? 1 : UNKEPT,
+                   font: font(n.font, kept ? FONT : FONT_UNKEPT)}
                 : {id: n.id, hidden: true};
     }));
     nodes.remove(S.extra);
@@ -72,22 +75,26 @@
     groupList();
   }
 
-  // --- the default zoom: every node, its label and the guides in the canvas ----------------------
+  // --- the default zoom: the whole view when its labels stay readable, else the outputs' corner --
+  // at the smallest readable zoom (a long prompt continues to the left; drag to see it)
   function fit() {
-    var doc = D.views[S.view], ids = nodes.getIds({filter: function (n) { return !n.hidden; }});
-    if (!ids.length) return;
-    var pos = network.getPositions(ids), x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
-    ids.forEach(function (id) {
-      x0 = Math.min(x0, pos[id].x); x1 = Math.max(x1, pos[id].x); y0 = Math.min(y0, pos[id].y); y1 = Math.max(y1, pos[id].y);
-    });
-    x0 -= 70; x1 += 70; y0 -= 30; y1 += doc.bottom + 8;
+    var doc = D.views[S.view], b = doc.box, box = byId('mynetwork');
+    var x0 = b[0] - 8, x1 = b[2] + 8, y0 = b[1] - 8, y1 = b[3] + 8;
     var guidePx = doc.rows.reduce(function (m, r) { return Math.max(m, r[1].length * 7 + 20); }, 0);
-    var colPx = doc.cols.length ? 24 : 0, box = byId('mynetwork');
-    var scale = Math.min(1.5, 0.97 * Math.min((box.clientWidth - guidePx) / (x1 - x0), (box.clientHeight - colPx) / (y1 - y0)));
+    var colPx = doc.cols.length ? 24 : 0, w = box.clientWidth - guidePx, h = box.clientHeight - colPx;
+    var minFont = N.reduce(function (m, n, p) { return S.drawn[n.id] ? Math.min(m, n.font) : m; }, Infinity);
+    var readable = D.min_label_px / (isFinite(minFont) ? minFont : D.font_px);
+    var all = Math.min(1.5, Math.min(w / (x1 - x0), h / (y1 - y0)));
+    var scale = Math.max(all, readable), cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
+    S.partial = all < readable;
+    if (S.partial) {  // keep the right edge (the last positions, the outputs) and, if it is taller, the top
+      cx = x1 - w / (2 * scale);
+      if ((y1 - y0) * scale > h) cy = y0 + h / (2 * scale);
+    }
     S.guideX = x0;
     S.guideY = y1;
-    network.moveTo({position: {x: (x0 + x1) / 2 - guidePx / (2 * scale), y: (y0 + y1) / 2 + colPx / (2 * scale)},
-                    scale: scale, animation: false});
+    network.moveTo({position: {x: cx - guidePx / (2 * scale), y: cy + colPx / (2 * scale)}, scale: scale, animation: false});
+    info();
   }
 
   // --- hover: a node's ancestors and descendants stay lit, the rest dims ------------------------
@@ -110,9 +117,13 @@
     var lit = null;
     if (L) { lit = {}; Object.keys(L.anc).concat(Object.keys(L.desc)).forEach(function (m) { lit[m] = true; }); }
     nodes.update(nodes.get({filter: function (n) { return !n.hidden; }}).map(function (n) {
-      var on = lit === null || lit[n.id] === true;
       var p = indexOf[n.id], size = p === undefined ? D.font_px : N[p].font;
-      return {id: n.id, opacity: on ? 1 : 0.12, font: {face: 'monospace', size: size, color: on ? FONT : FONT_DIM}};
+      if (lit === null) {
+        var kept = p === undefined || (N[p].views >> S.view & 1) === 1;
+        return {id: n.id, opacity: kept ? 1 : UNKEPT, font: font(size, kept ? FONT : FONT_UNKEPT)};
+      }
+      var on = lit[n.id] === true;
+      return {id: n.id, opacity: on ? 1 : 0.12, font: font(size, on ? FONT : FONT_DIM)};
     }));
     edges.update((L ? L.edges : edges.get()).map(function (e) {
       var on = L === null || (L.anc[e.from] && L.anc[e.to]) || (L.desc[e.from] && L.desc[e.to]);
@@ -128,10 +139,14 @@
     return a;
   }
   function strongest(card, p, incoming) {
-    var rows = [];
-    for (var q = 0; q < nE; q++) if (E[4 * q + (incoming ? 1 : 0)] === p) rows.push([E[4 * q + (incoming ? 0 : 1)], E[4 * q + 2]]);
+    var rows = [], v = S.view, inView = (N[p].views >> v & 1) === 1;
+    for (var q = 0; q < nE; q++) {
+      if (E[4 * q + (incoming ? 1 : 0)] !== p || (inView && !(E[4 * q + 3] >> v & 1))) continue;
+      rows.push([E[4 * q + (incoming ? 0 : 1)], E[4 * q + 2]]);
+    }
     rows.sort(function (a, b) { return Math.abs(b[1]) - Math.abs(a[1]); });
-    card.appendChild(el('h4', (incoming ? 'strongest inputs' : 'strongest outputs') + ' (' + rows.length + ' in this page)'));
+    card.appendChild(el('h4', (incoming ? 'strongest inputs' : 'strongest outputs') + ' (' + rows.length + ' ' +
+      (inView ? 'in view ' + (v + 1) : 'in any view of this page') + ')'));
     rows.slice(0, 8).forEach(function (r) {
       var o = N[r[0]];
       card.appendChild(link(o.id, (r[1] >= 0 ? '+' : '') + fmt(r[1]) + '  ' + o.id + '  ' + o.label));
@@ -184,9 +199,16 @@
     if (n.kind === 'token') card.appendChild(el('div', 'token ' + JSON.stringify(n.text) + ' at position ' + n.pos));
     else if (n.kind === 'error') card.appendChild(el('div', 'reconstruction error of ' + n.site + (n.pos === null ? '' : ' at position ' + n.pos) +
       ': the part of the site output its dictionary misses; influence ' + fmt(n.inf)));
-    else if (n.kind === 'logit') card.appendChild(el('div', 'output ' + JSON.stringify(n.text) + ': probability ' + fmt(n.prob) +
-      ', mean-centred logit ' + fmt(n.act)));
-    else if (n.kind === 'metric') card.appendChild(el('div', 'the explained quantity, value ' + fmt(n.act)));
+    else if (n.kind === 'logit') {
+      card.appendChild(el('div', 'output token ' + JSON.stringify(n.text) + ' at position ' + n.pos + ': ' +
+        (n.prob === null ? 'the model\'s probability was not recorded with this graph' : 'the model\'s probability ' + fmt(n.prob)) +
+        '; mean-centred logit ' + fmt(n.act)));
+      card.appendChild(el('div', n.out_weight > 0 ? 'weight in influence ' + fmt(n.out_weight) + ' (its probability)'
+        : 'weight in influence 0: the metric carries all the output weight'));
+    } else if (n.kind === 'metric') {
+      card.appendChild(el('div', 'the explained quantity: ' + D.metric));
+      if (D.outputs) card.appendChild(el('div', D.outputs));
+    }
     else {
       card.appendChild(el('div', 'label: ' + n.text));
       card.appendChild(el('div', (n.kind === 'supernode' ? '' : 'activation ' + fmt(n.act) + '   ') + 'influence ' + fmt(n.inf)));
@@ -204,11 +226,15 @@
 
   // --- controls ----------------------------------------------------------------------------------
   function info() {
-    var doc = D.views[S.view];
+    var doc = D.views[S.view], kept = N.filter(function (n) { return n.pin && !(n.views >> S.view & 1); }).length;
     byId('cg-view-info').textContent = 'view ' + (S.view + 1) + ' of ' + D.views.length + ': node threshold ' +
-      doc.node_threshold + ', edge threshold ' + doc.edge_threshold + (S.view === D.default_view ? ' (circuit-tracer\'s)' : '') +
-      ', at most ' + doc.max_edges + ' edges: ' + doc.n_nodes + ' nodes, ' + doc.n_edges + ' edges shown of ' +
-      D.n_nodes + ' nodes, ' + D.n_edges + ' edges';
+      doc.node_threshold + ', edge threshold ' + doc.edge_threshold + ', at most ' + doc.max_edges + ' edges' +
+      (S.view === D.ct_view ? ' (circuit-tracer\'s default)' : '') + ': ' + doc.n_nodes + ' nodes, ' + doc.n_edges +
+      ' edges shown of ' + D.n_nodes + ' nodes, ' + D.n_edges + ' edges' +
+      (S.view === D.default_view && D.default_view < D.ct_view ? '. Opened on the densest view readable in a 1400 x 900 ' +
+       'window; the slider adds more' : '') +
+      (kept ? '. ' + kept + ' dimmed tokens / outputs are not in this view' : '') +
+      (S.partial ? '. At a readable zoom the graph is wider than the window: drag to pan, scroll to zoom out' : '');
   }
   function groupList() {
     var box = byId('cg-group-list');
@@ -246,12 +272,18 @@
   }
   network.on('afterDrawing', function (ctx) {  // row and column guides, 12 screen pixels at any zoom
     var doc = D.views[S.view], k = 1 / network.getScale();
+    var guideW = doc.rows.reduce(function (m, r) { return Math.max(m, r[1].length * 7 + 20); }, 0) * k;
+    var edge = network.DOMtoCanvas({x: 0, y: 0}).x, left = Math.max(S.guideX, edge + guideW);
     ctx.save();
+    if (left > S.guideX) {  // panned: the row names stay at the window's left edge, over a pale band
+      ctx.fillStyle = 'rgba(255,255,255,0.85)';
+      ctx.fillRect(edge, doc.box[1] - 1e4, left - edge, doc.box[3] - doc.box[1] + 2e4);
+    }
     ctx.font = (12 * k) + 'px sans-serif';
     ctx.fillStyle = '#666666';
     ctx.textAlign = 'right';
     ctx.textBaseline = 'middle';
-    doc.rows.forEach(function (r) { ctx.fillText(r[1], S.guideX - 6 * k, r[0]); });
+    doc.rows.forEach(function (r) { ctx.fillText(r[1], left - 6 * k, r[0]); });
     ctx.textAlign = 'center';
     ctx.textBaseline = 'top';
     doc.cols.forEach(function (c) { ctx.fillText(c[1], c[0], S.guideY + 4 * k); });
@@ -265,9 +297,12 @@
   slider.addEventListener('input', function () { setView(parseInt(slider.value, 10)); });
   byId('cg-go').addEventListener('click', function () { go(byId('cg-find').value.trim()); });
   byId('cg-group').addEventListener('click', function () { group(network.getSelectedNodes()); });
-  byId('cg-title').textContent = D.title;
+  byId('cg-title').textContent = D.heading;
+  if (D.metric) byId('cg-metric').textContent = 'explains ' + D.metric;
+  if (D.outputs) byId('cg-outputs').textContent = D.outputs;
   byId('cg-meta').textContent = D.summary;
-  if (D.prompt !== null) byId('cg-prompt').textContent = 'prompt: ' + D.prompt;
+  if (D.prompt !== null && D.heading.indexOf(D.prompt) < 0) byId('cg-prompt').textContent = 'prompt: ' + D.prompt;
+  document.title = D.title;
   window.cgShow = show;
   window.cgSetView = setView;
   window.cgHighlight = highlight;

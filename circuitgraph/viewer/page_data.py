@@ -1,15 +1,21 @@
 """What a viewer page carries, as one JSON document (read by ``page.js``).
 
-* ``nodes``: the page's node table (every node some view shows): id, kind, displayed label, full
-  label, value, influence, probability (logits), site, position, label font size, the key of its
-  feature card, a bit mask of the views that show it, and its ``style`` (shape, colour, size), which
+* ``nodes``: the page's node table (every node some view keeps, and the pinned prompt tokens and
+  output tokens every view draws): id, kind, displayed label, full label, value, influence, the
+  model's probability (output tokens; ``null`` when the graph did not record it), site, position,
+  label font size, the key of its feature card, a bit mask of the views that keep it, whether it
+  is pinned, and its ``style`` (shape, colours, size), which
   :func:`circuitgraph.viewer.html.render_html` hands to vis-network and removes from the table;
 * ``edges``: a flat list ``[source, target, weight, views, ...]`` over page node indices;
 * ``views``: per view its pruning (thresholds, edge cap), its node and edge counts, the canvas
-  position of each of its nodes (``xy``, flat, in page node order) and the guides drawn beside them;
+  position of each node it draws (``xy``, flat, in page node order), the box around them and
+  their labels, the guides drawn beside them, and whether it is readable in a 1400 x 900 window;
+  ``default_view``: the densest readable view up to circuit-tracer's (:data:`CT_VIEW`);
 * ``cards``: feature cards (top contexts with activations, promoted / suppressed tokens, ablation
   effects) keyed ``<site>#<feature>``; ``groups``: suggested supernodes of the default view;
-* ``summary``: the header line with the graph's honest numbers.
+* ``title`` (of the document: ``heading`` and the metric), ``heading`` (the prompt or task),
+  ``metric`` (the metric as a formula with its value), ``outputs`` (the model's top
+  next tokens with probabilities), ``summary`` (the header line with the graph's honest numbers).
 
 Every string in it (prompt text, tokens, labels) is data: the page writes it with ``textContent``
 or draws it on the canvas, never as HTML.
@@ -19,19 +25,11 @@ from __future__ import annotations
 
 from circuitgraph.graph.graph import Graph
 from circuitgraph.graph.nodes import Node
-from circuitgraph.viewer.layout import FONT_PX, layout, short_label
-from circuitgraph.viewer.views import DEFAULT_VIEW, PageViews, view_graph
+from circuitgraph.viewer.layout import FONT_PX, MIN_LABEL_PX, layout, short_label
+from circuitgraph.viewer.outputs import metric_formula, output_probabilities, page_heading, page_title, top_outputs_text
+from circuitgraph.viewer.style import REACH, node_style
+from circuitgraph.viewer.views import CT_VIEW, PageViews, view_graph
 
-COLORS = {"token": "#616161", "error": "#9e9e9e", "logit": "#43a047", "metric": "#1b5e20", "supernode": "#8e24aa",
-          "component": "#ff9800", "resid_pre": "#1e88e5", "resid_mid": "#1e88e5", "resid_post": "#1565c0",
-          "attn_z": "#fb8c00", "mlp_out": "#e53935", "mlp_post": "#d81b60", "transcoder": "#c62828",
-          "clt": "#ad1457", "neurons": "#6d4c41"}
-"""Node colours: by kind, and features by site kind."""
-SHAPES = {"token": "square", "feature": "dot", "error": "diamond", "logit": "triangle", "metric": "star",
-          "supernode": "hexagon", "component": "dot"}
-"""vis-network shape per node kind (all draw their label underneath)."""
-REACH = {"triangle": 1.16, "star": 1.3}
-"""How far a vis-network shape reaches beyond its ``size``."""
 HONEST_KEYS = ("faithfulness", "faithfulness_features_only", "faithfulness_errors_only", "ceiling", "completeness",
                "replacement_score", "completeness_score")
 """Graph metadata the header always shows when present."""
@@ -39,25 +37,35 @@ MAX_CONTEXTS = 4
 """Top-activating contexts carried per feature card."""
 
 
-def node_color(node: Node) -> str:
-    """Colour of ``node`` (features by their site kind)."""
-    if node.kind == "feature" and node.site:
-        return COLORS.get(node.site.split(".", 1)[1], "#607d8b")
-    return COLORS.get(node.kind, "#607d8b")
+def metric_text(g: Graph, i: int) -> str:
+    """Metric node ``i`` as the page names it: its formula and value (``logit(" Mary") − logit(" John") = 16.36``)."""
+    return f"{metric_formula(g.metadata, g.nodes[i].name)} = {float(g.activation[i]):.2f}"
 
 
-def display_label(g: Graph, i: int) -> str:
+def logit_probability(g: Graph, i: int, recorded: dict[int, float]) -> float | None:
+    """The model's probability of logit node ``i``'s token: recorded at trace time, else its output
+    weight when no metric took the weight (then it is the probability), else unknown."""
+    node = g.nodes[i]
+    if node.index in recorded:
+        return recorded[node.index]
+    if not any(n.kind == "metric" for n in g.nodes):
+        return float(g.target_weights[i])
+    return None
+
+
+def display_label(g: Graph, i: int, prob: float | None = None) -> str:
     """The short label drawn under node ``i``: token text, feature description, output token with
-    its probability, metric with its value."""
+    the model's probability, metric formula with its value."""
     node, text = g.nodes[i], g.labels[i]
     if node.kind == "feature":
         return short_label(text or f"#{node.index}")
     if node.kind == "error":
         return "error"
     if node.kind == "logit":
-        return short_label(f"{text.strip() or '#' + str(node.index)} {float(g.target_weights[i]):.2f}", 18)
+        token = short_label(text.strip() or "#" + str(node.index), 10)
+        return token if prob is None else f"{token} {prob:.3g}"
     if node.kind == "metric":
-        return short_label(f"{node.name} {float(g.activation[i]):.2f}", 18)
+        return short_label(metric_text(g, i), 48)
     if node.kind == "component":
         return short_label(node.site or node.id)
     if node.kind == "supernode":
@@ -66,19 +74,17 @@ def display_label(g: Graph, i: int) -> str:
 
 
 def node_font(node: Node) -> float:
-    """Label font size: the prompt strip and the outputs larger than features."""
-    return {"token": 20.0, "logit": 16.0, "metric": 16.0}.get(node.kind, float(FONT_PX))
+    """Label font size: the prompt strip and the outputs a little larger than features."""
+    return {"token": 14.0, "logit": 14.0, "metric": 14.0}.get(node.kind, float(FONT_PX))
 
 
 def node_size(node: Node, influence: float, top: float) -> float:
     """Half-size of the drawn shape: features, errors, components and groups grow with influence."""
     if node.kind == "token":
-        return 7.0
-    if node.kind == "logit":
-        return 10.0
-    if node.kind == "metric":
-        return 11.0
-    return 4.0 + 9.0 * (max(influence, 0.0) / top) ** 0.5 if top > 0 else 4.0
+        return 6.0
+    if node.kind in ("logit", "metric"):
+        return 9.0
+    return 3.5 + 6.5 * (max(influence, 0.0) / top) ** 0.5 if top > 0 else 3.5
 
 
 def compact_card(card: dict) -> dict:
@@ -107,64 +113,78 @@ def honest_numbers(meta: dict) -> str:
     return "".join(f"; {p}" for p in parts)
 
 
-def page_data(g: Graph, views: PageViews, title: str, groups: list[tuple[str, list[str]]]) -> dict:
-    """The JSON document of the page for ``g`` (see the module docstring); ``groups`` are suggested
-    supernodes ``(name, member ids)``."""
+def _views(g: Graph, views: PageViews, labels: list[str], sizes: list[float], fonts: list[float],
+           shapes: list[str]) -> list[dict]:
+    inf = views.influence
+    docs = []
+    for v, spec in enumerate(views.specs):
+        drawn = views.drawn_of(v)
+        lay = layout([g.nodes[views.node_index[p]] for p in drawn], [labels[p] for p in drawn],
+                     [sizes[p] * REACH.get(shapes[p], 1.0) for p in drawn], [fonts[p] for p in drawn],
+                     [-float(inf[views.node_index[p]]) for p in drawn])
+        xy: list[int] = []
+        for j in range(len(drawn)):
+            xy += [round(lay.xy[j][0]), round(lay.xy[j][1])]
+        docs.append({"node_threshold": spec.node_threshold, "edge_threshold": spec.edge_threshold,
+                     "max_edges": spec.max_edges, "n_nodes": len(views.nodes_of(v)), "n_edges": len(views.edges_of(v)),
+                     "xy": xy, "rows": [[round(y), t] for y, t in lay.rows], "cols": [[round(x), t] for x, t in lay.columns],
+                     "box": [round(b) for b in lay.box], "readable": lay.fits() if drawn else True})
+    return docs
+
+
+def page_data(g: Graph, views: PageViews, title: str | None = None) -> dict:
+    """The JSON document of the page for ``g`` (see the module docstring), without ``groups``."""
     page_of = {gi: p for p, gi in enumerate(views.node_index)}
     inf = views.influence
     scaled = [float(inf[gi]) for gi in views.node_index if g.nodes[gi].kind in ("feature", "error", "component")]
     top = max(scaled, default=0.0)
-    nodes, labels, sizes, fonts = [], [], [], []
+    recorded = output_probabilities(g.metadata)
+    nodes, labels, sizes, fonts, shapes = [], [], [], [], []
     for p, gi in enumerate(views.node_index):
         node = g.nodes[gi]
-        label = display_label(g, gi)
-        size = node_size(node, float(inf[gi]), top)
-        labels.append(label)
-        sizes.append(size)
+        prob = logit_probability(g, gi, recorded) if node.kind == "logit" else None
+        labels.append(display_label(g, gi, prob))
+        sizes.append(node_size(node, float(inf[gi]), top))
         fonts.append(node_font(node))
+        style = node_style(node, sizes[-1])
+        shapes.append(style["shape"])
         card = f"{node.site}#{node.index}" if node.kind == "feature" and f"{node.site}#{node.index}" in g.features else None
-        nodes.append({"id": node.id, "kind": node.kind, "label": label, "text": g.labels[gi],
+        nodes.append({"id": node.id, "kind": node.kind, "label": labels[-1], "text": g.labels[gi],
                       "act": round(float(g.activation[gi]), 5), "inf": round(float(inf[gi]), 5),
-                      "prob": round(float(g.target_weights[gi]), 5), "site": node.site, "pos": node.pos,
-                      "card": card, "views": views.node_views[p], "font": fonts[-1],
-                      "style": {"shape": SHAPES.get(node.kind, "dot"), "color": node_color(node), "size": round(size, 2)}})
+                      "prob": None if prob is None else round(prob, 6), "out_weight": round(float(g.target_weights[gi]), 5),
+                      "site": node.site, "pos": node.pos, "card": card, "views": views.node_views[p],
+                      "pin": views.pinned[p], "font": fonts[-1], "style": style})
     edges: list = []
     for q, ge in enumerate(views.edge_index):
         edges += [page_of[int(g.sources[ge])], page_of[int(g.targets[ge])], float(f"{float(g.weights[ge]):.4g}"),
                   views.edge_views[q]]
-    view_docs = []
-    for v, spec in enumerate(views.specs):
-        members = views.nodes_of(v)
-        lay = layout([g.nodes[views.node_index[p]] for p in members], [labels[p] for p in members],
-                     [sizes[p] * REACH.get(nodes[p]["style"]["shape"], 1.0) for p in members], [fonts[p] for p in members],
-                     [-float(inf[views.node_index[p]]) for p in members])
-        xy: list[int] = []
-        for j in range(len(members)):
-            xy += [round(lay.xy[j][0]), round(lay.xy[j][1])]
-        view_docs.append({"node_threshold": spec.node_threshold, "edge_threshold": spec.edge_threshold,
-                          "max_edges": spec.max_edges, "n_nodes": len(members), "n_edges": len(views.edges_of(v)),
-                          "xy": xy, "rows": [[round(y), t] for y, t in lay.rows],
-                          "cols": [[round(x), t] for x, t in lay.columns], "left": round(lay.left),
-                          "bottom": round(lay.bottom)})
-    wanted = {n["card"] for n in nodes if n["card"]}
+    view_docs = _views(g, views, labels, sizes, fonts, shapes)
+    default = next((v for v in range(min(CT_VIEW, len(view_docs) - 1), -1, -1) if view_docs[v]["readable"]), 0)
     meta = dict(g.metadata)
-    if g.n_edges and "replacement_score" not in meta and any(n.kind == "token" for n in g.nodes):
+    if g.n_edges and "replacement_score" not in meta and any(n.kind == "token" and n.pos is not None for n in g.nodes):
         from circuitgraph.graph.pruning import scores_of
 
         scores = scores_of(g)  # a prompt graph: how much of it tokens, not errors, explain
         meta.update(replacement_score=scores.replacement, completeness_score=scores.completeness)
-    summary = f"{title}: {g.n_nodes} nodes, {g.n_edges} edges" + honest_numbers(meta)
-    return {"title": title, "summary": summary, "prompt": meta.get("prompt") if isinstance(meta.get("prompt"), str)
-            else None, "nodes": nodes, "edges": edges, "views": view_docs, "default_view": DEFAULT_VIEW,
+    m = next((i for i, n in enumerate(g.nodes) if n.kind == "metric"), None)
+    metric = metric_text(g, m) if m is not None else None
+    title = title or page_title(meta, metric)
+    wanted = {n["card"] for n in nodes if n["card"]}
+    return {"title": title, "heading": page_heading(meta) if title == page_title(meta, metric) else title, "metric": metric, "outputs": top_outputs_text(meta),
+            "summary": f"{g.n_nodes} nodes, {g.n_edges} edges" + honest_numbers(meta),
+            "prompt": meta.get("prompt") if isinstance(meta.get("prompt"), str) else None,
+            "nodes": nodes, "edges": edges, "views": view_docs, "default_view": default, "ct_view": CT_VIEW,
             "cards": {k: compact_card(g.features[k]) for k in sorted(wanted)}, "font_px": FONT_PX,
-            "groups": [{"name": name, "members": [page_of[g.index(m)] for m in members]} for name, members in groups],
-            "n_nodes": g.n_nodes, "n_edges": g.n_edges, "page_edges": len(views.edge_index)}
+            "min_label_px": MIN_LABEL_PX, "n_nodes": g.n_nodes, "n_edges": g.n_edges, "page_edges": len(views.edge_index)}
 
 
-def suggested_groups(g: Graph, views: PageViews, threshold: float = 0.8) -> list[tuple[str, list[str]]]:
-    """Supernodes of the default view by graph-neighbourhood similarity
-    (:func:`circuitgraph.features.supernodes.find_supernodes`), as ``(name, member ids)``."""
+def suggested_groups(g: Graph, views: PageViews, view: int, threshold: float = 0.8) -> list[dict]:
+    """Supernodes of ``view`` by graph-neighbourhood similarity
+    (:func:`circuitgraph.features.supernodes.find_supernodes`), as ``{name, members}`` with page
+    node indices."""
     from circuitgraph.features.supernodes import find_supernodes
 
-    shown = view_graph(g, views, DEFAULT_VIEW)
-    return [(sn.name, sn.members) for sn in find_supernodes(shown, threshold)]
+    page_of = {gi: p for p, gi in enumerate(views.node_index)}
+    shown = view_graph(g, views, view)
+    return [{"name": sn.name, "members": [page_of[g.index(m)] for m in sn.members]}
+            for sn in find_supernodes(shown, threshold)]

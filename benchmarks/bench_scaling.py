@@ -11,8 +11,10 @@ LayerNorm ``LNPre``, GELU, 64-wide heads; TopK transcoders, k = 32, ln2 output -
 same weights given to both libraries, the same prompt, up to 10 logits.
 
 Every build runs in a fresh subprocess (``--worker``), after a short warm-up build in that process;
-the time is the minimum over ``--repeats`` processes (one when a build takes over ``--repeat-under``
-seconds), peak RSS the process's peak just after the build. Two modes per cell:
+the two libraries alternate, each repeated the same number of times (``--repeats``, or once when a
+first build took over ``--repeat-under`` seconds); the time is each side's fastest build, peak
+RSS its process's peak just after the build (``RssAnon`` sampled apart: without file pages).
+Two modes per cell:
 
 * ``equal``: the same work. Both visit every active feature (the same feature set, checked) at the
   same batch size (``--batch``); ours with ``--bos detach`` (circuit-tracer's convention) so every
@@ -258,12 +260,22 @@ def spawn(side: str, cell: str, mode: str, args, device: str, sample_out: str | 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def best_of(side: str, cell: str, mode: str, args, device: str, sample_out: str) -> dict:
-    runs = [spawn(side, cell, mode, args, device, sample_out)]
-    while len(runs) < args.repeats and "error" not in runs[0] and runs[0]["seconds"] < args.repeat_under:
-        runs.append(spawn(side, cell, mode, args, device, None))
-    ok = [r for r in runs if "error" not in r]
-    return {**min(ok, key=lambda r: r["seconds"]), "repeats": len(ok)} if ok else runs[0]
+def best_of(sides: list[tuple[str, str, str]], cell: str, mode: str, args) -> list[dict]:
+    """Each ``(side, device, sample file)`` built once, then all of them again, alternating, until
+    ``--repeats`` rounds or until the slowest first build took over ``--repeat-under`` seconds: the
+    same number of repeats on every side; per side its fastest build."""
+    runs = [[spawn(side, cell, mode, args, device, out)] for side, device, out in sides]
+    slowest = max((r[0].get("seconds", float("inf")) for r in runs), default=0.0)
+    for _ in range(args.repeats - 1):
+        if slowest >= args.repeat_under:
+            break
+        for r, (side, device, _) in zip(runs, sides, strict=True):
+            r.append(spawn(side, cell, mode, args, device, None))
+    best = []
+    for r in runs:
+        ok = [x for x in r if "error" not in x]
+        best.append({**min(ok, key=lambda x: x["seconds"]), "repeats": len(ok)} if ok else r[0])
+    return best
 
 
 def ct_gb(cell: str, batch: int) -> float:
@@ -283,16 +295,19 @@ def load() -> str:
 def measure(cell: str, mode: str, args, tmp: Path) -> dict:
     row = {"cell": cell, "mode": mode, "shape": "x".join(map(str, CELLS[cell][:4])), "tokens": CELLS[cell][4],
            "threads": args.threads, "device": args.device, "load_before": load()}
-    mine = best_of("ours", cell, mode, args, args.device, str(tmp / "ours.pt"))
+    sides = [("ours", args.device, str(tmp / "ours.pt"))]
+    need = ct_gb(cell, args.batch if mode == "equal" else 512)
     if args.ours_only:
         theirs = {"error": "not run (--ours-only)"}
     elif args.check_device:
-        theirs = best_of("ours", cell, mode, args, args.check_device, str(tmp / "theirs.pt"))
-    elif ct_gb(cell, args.batch if mode == "equal" else 512) > args.ct_max_gb:
-        need = ct_gb(cell, args.batch if mode == "equal" else 512)
+        sides.append(("ours", args.check_device, str(tmp / "theirs.pt")))
+    elif need > args.ct_max_gb:
         theirs = {"error": f"skipped: circuit-tracer would need about {need:.0f} GiB (--ct-max-gb {args.ct_max_gb:g})"}
     else:
-        theirs = best_of("theirs", cell, mode, args, args.device, str(tmp / "theirs.pt"))
+        sides.append(("theirs", args.device, str(tmp / "theirs.pt")))
+    best = best_of(sides, cell, mode, args)
+    mine = best[0]
+    theirs = best[1] if len(best) > 1 else theirs
     row.update({"ours_s": mine.get("seconds"), "theirs_s": theirs.get("seconds"),
                 "ratio": mine["seconds"] / theirs["seconds"] if "seconds" in mine and "seconds" in theirs else None,
                 "ours_rss_mb": mine.get("rss_mb"), "theirs_rss_mb": theirs.get("rss_mb"),
@@ -317,7 +332,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="batch size of both libraries in the equal-work mode")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--repeat-under", type=float, default=60.0, help="repeat only builds faster than this (s)")
+    ap.add_argument("--repeat-under", type=float, default=150.0,
+                    help="repeat only when every side's first build was faster than this (s)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per build (s)")
     ap.add_argument("--ct-max-gb", type=float, default=16.0, help="skip circuit-tracer where its estimated memory exceeds this")
     ap.add_argument("--device", default="cpu")

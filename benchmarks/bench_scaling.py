@@ -123,9 +123,14 @@ def run_ours(cell: str, mode: str, args) -> tuple[float, dict, dict]:
     visited = {ids[i] for i in (~torch.isnan(g.bias)).nonzero().squeeze(1).tolist()}
     want = [i for i in _sampled(ids, info["n_active"]) if i in visited]
     index = {node_id: i for i, node_id in enumerate(ids)}
-    rows = torch.tensor([index[i] for i in want], dtype=torch.long)
-    mask = torch.isin(g.targets.long(), rows)
-    src, tgt, w = g.sources[mask].long(), g.targets[mask].long(), g.weights[mask].double()
+    rows = torch.tensor([index[i] for i in want], dtype=torch.int32)
+    parts = []
+    for lo in range(0, g.n_edges, 1 << 24):  # in slices: a graph of 10^9 edges needs no int64 copy
+        mask = torch.isin(g.targets[lo : lo + (1 << 24)], rows)
+        parts.append((g.sources[lo : lo + (1 << 24)][mask], g.targets[lo : lo + (1 << 24)][mask],
+                      g.weights[lo : lo + (1 << 24)][mask]))
+    src, tgt, w = (torch.cat(x) for x in zip(*parts, strict=True)) if parts else (torch.zeros(0),) * 3
+    src, tgt, w = src.long(), tgt.long(), w.double()
     sample = {ids[int(r)]: ([ids[s] for s in src[tgt == r].tolist()], w[tgt == r]) for r in rows}
     return seconds, info, {"visited": sorted(v for v in visited if not v.startswith("logit")), "sample": sample}
 

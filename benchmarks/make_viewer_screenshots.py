@@ -5,10 +5,13 @@
 Traces both with the command line as a new user would (``circuitgraph trace --prompt ... --answer
 " Mary" --contrast " John"`` and ``circuitgraph trace --task ioi --n 64 --eval-n 64 --max-nodes 200``),
 writes each page with ``circuitgraph view``, opens it in headless Chromium (1600 x 1000) and saves
-``docs/viewer_prompt.png`` and ``docs/viewer_circuit.png``, each with the mouse on its strongest
-feature (its paths to the metric lit, the rest dimmed) and that feature's card open. Prints per page: its size, the time
-from navigation to interactive, the nodes and edges drawn, the default zoom, and the number of
-overlapping node pairs, label pairs and labels over nodes (read back from vis-network).
+``docs/viewer_prompt.png`` (the default view as it opens, the strongest feature's card open, the
+mouse moved off the graph so nothing is dimmed) and ``docs/viewer_circuit.png`` (the mouse on the
+strongest feature: its paths to the metric lit, the rest dimmed; its card open). Prints per page
+and window (1600 x 1000, and the 1400 x 900 the layout is made for): its size, the time from
+navigation to interactive, the view it opens on, the nodes and edges drawn, the default zoom, the
+smallest label on screen in pixels, and the number of overlapping node pairs, label pairs and
+labels over nodes (read back from vis-network).
 """
 
 from __future__ import annotations
@@ -40,26 +43,32 @@ def main() -> None:
                     "--out", str(work / "prompt")]) == 0
         assert cli([*threads, "trace", "--task", "ioi", "--n", "64", "--eval-n", "64", "--max-nodes", "200",
                     "--out", str(work / "circuit")]) == 0
-        driver = chrome(1600, 1000)
-        try:
-            for name in ("prompt", "circuit"):
-                page = work / f"{name}.html"
-                assert cli(["view", str(work / name), "--out", str(page)]) == 0
-                ready_ms = open_page(driver, page)
-                items = shown(driver)
-                bad = overlapping(items)
-                # the picture: the strongest feature's paths lit (the real mouse on it) and its card open
-                top = max((it for it in items if it["shape"] == "dot"), key=lambda it: it["size"])["id"]
-                mouse_to(driver, top, click=True)
-                png = args.out / f"viewer_{name}.png"
-                driver.save_screenshot(str(png))
-                print(json.dumps({"page": name, "bytes": page.stat().st_size, "ready_ms": round(ready_ms),
-                                  "nodes_drawn": len(items), "edges_drawn": driver.execute_script("return edges.length"),
-                                  "scale": round(driver.execute_script("return network.getScale()"), 3),
-                                  **{f"overlapping_{k}": len(v) for k, v in bad.items()}, "png": str(png)}))
-        finally:
-            driver.quit()
-
+        for width, height in ((1400, 900), (1600, 1000)):
+            driver = chrome(width, height)
+            try:
+                for name in ("prompt", "circuit"):
+                    page = work / f"{name}.html"
+                    assert cli(["view", str(work / name), "--out", str(page)]) == 0
+                    ready_ms = open_page(driver, page)
+                    items = shown(driver)
+                    bad = overlapping(items)
+                    print(json.dumps({"page": name, "window": f"{width}x{height}", "bytes": page.stat().st_size,
+                                      "ready_ms": round(ready_ms), "view": driver.execute_script("return cgData.default_view") + 1,
+                                      "nodes_drawn": len(items), "edges_drawn": driver.execute_script("return edges.length"),
+                                      "scale": round(driver.execute_script("return network.getScale()"), 3),
+                                      "min_label_px": round(min(it["label_px"] for it in items), 2),
+                                      **{f"overlapping_{k}": len(v) for k, v in bad.items()}}))
+                    if width != 1600:
+                        continue
+                    top = max((it for it in items if it["shape"] == "dot"), key=lambda it: it["size"])["id"]
+                    mouse_to(driver, top, click=True)  # its card; the circuit keeps the mouse on it (paths lit)
+                    if name == "prompt":
+                        mouse_to(driver, None)
+                    png = args.out / f"viewer_{name}.png"
+                    driver.save_screenshot(str(png))
+                    print(json.dumps({"png": str(png)}))
+            finally:
+                driver.quit()
 
 if __name__ == "__main__":
     main()

@@ -177,3 +177,24 @@ def test_component_circuit_header_shows_only_its_numbers():
     assert data["metric"] == "mean logit(answer) − logit(wrong) = 3.00"
     assert data["title"] == "ioi circuit (8 prompts) → mean logit(answer) − logit(wrong) = 3.00"
     assert {n["id"]: n["kind"] for n in data["nodes"]}["L0.head1"] == "component"
+
+
+def test_prompt_graph_without_metric_shows_the_models_probabilities(default_model, default_dicts):
+    """Without --answer the logits are the outputs: each is labelled with the model's own
+    probability (recorded at trace time, equal to its output weight) and the page says what the
+    graph explains."""
+    import circuitgraph as cg
+    from circuitgraph.api import prompt_tokens
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    g = cg.trace(default_model, default_dicts, prompt, max_feature_nodes=40, progress=False)
+    with torch.no_grad():
+        probs = torch.softmax(default_model(prompt_tokens(default_model, prompt))[0, -1].double(), -1)
+    data = _data(render_html(g))
+    logits = [n for n in data["nodes"] if n["kind"] == "logit"]
+    assert logits and data["metric"] == "the likeliest next tokens' logits, weighted by their probabilities"
+    for n in logits:
+        token = int(n["id"].split("#")[1].split("@")[0])
+        assert abs(n["prob"] - float(probs[token])) < 1e-5 and abs(n["out_weight"] - float(probs[token])) < 1e-4
+        assert n["label"].endswith(f" {float(probs[token]):.3g}")
+    assert data["title"] == f'prompt graph of "{prompt}" → {data["metric"]}'

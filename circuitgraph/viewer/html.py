@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 _SCRIPT = Path(__file__).with_name("page.js")
 
 _PANEL = """
-<div id="cg-panel" style="position:fixed;top:0;right:0;width:30%;height:100%;overflow:auto;background:#fafafa;
+<div id="cg-panel" style="position:fixed;top:0;right:0;width:30%;height:100%;overflow-y:auto;overflow-x:hidden;
+ overflow-wrap:anywhere;background:#fafafa;
  border-left:1px solid #ccc;font:13px sans-serif;padding:8px;box-sizing:border-box">
  <div id="cg-title" style="font-weight:bold;font-size:15px"></div>
  <div id="cg-metric" style="margin:4px 0;font-family:monospace"></div>

@@ -134,7 +134,8 @@
 
   // --- the card of a node -----------------------------------------------------------------------
   function link(id, text) {
-    var a = el('a', text, 'cursor:pointer;color:#1565c0;display:block;font-family:monospace;white-space:pre');
+    var a = el('a', text, 'cursor:pointer;color:#1565c0;display:block;font-family:monospace;white-space:pre;' +
+               'overflow:hidden;text-overflow:ellipsis');
     a.addEventListener('click', function () { go(id); });
     return a;
   }

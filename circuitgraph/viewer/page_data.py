@@ -168,6 +168,8 @@ def page_data(g: Graph, views: PageViews, title: str | None = None) -> dict:
         meta.update(replacement_score=scores.replacement, completeness_score=scores.completeness)
     m = next((i for i, n in enumerate(g.nodes) if n.kind == "metric"), None)
     metric = metric_text(g, m) if m is not None else None
+    if metric is None and "prompt_tokens" in meta and any(n.kind == "logit" for n in g.nodes):  # weighed by probability
+        metric = "the likeliest next tokens' logits, weighted by their probabilities"
     title = title or page_title(meta, metric)
     wanted = {n["card"] for n in nodes if n["card"]}
     return {"title": title, "heading": page_heading(meta) if title == page_title(meta, metric) else title, "metric": metric, "outputs": top_outputs_text(meta),

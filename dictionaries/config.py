@@ -48,10 +48,14 @@ class CoderConfig:
         for name in ("expansion", "k", "dead_after_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):  # a width and a log-threshold's argument
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}={value} must be a finite number > 0")
         if self.aux_k < 0:
             raise ValueError(f"aux_k={self.aux_k} must be >= 0 (0: d_in // 2)")
 

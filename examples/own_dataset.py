@@ -33,7 +33,7 @@ def write_prompts(path: Path, n: int = 48) -> Path:
     rows = []
     pairs = [(a, b) for a, b in itertools.permutations(NAMES, 2)]
     for i in range(n):
-        a, b = pairs[(i * 7) % len(pairs)]
+        a, b = pairs[(i * 5) % len(pairs)]  # 5 is coprime with the 56 ordered pairs: every row distinct
         place, obj = PLACES[i % len(PLACES)], OBJECTS[(i // len(PLACES)) % len(OBJECTS)]
         prompt = f"When {a} and {b} went to the {place}, {b} gave a {obj} to"
         rows.append({"prompt": prompt, "answer": f" {a}", "wrong": f" {b}",

@@ -84,3 +84,9 @@ def test_trace_flags_come_from_the_method_configs(tmp_path, capsys):
     assert cli(["trace", "--prompt", "When Mary and John went to the park, John gave a book to",
                 "--max-feature-nodes", "5", "--out", str(tmp_path / "g")]) == 2
     assert "--prompt-max-feature-nodes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["jumprelu_bandwidth", "jumprelu_init_threshold"])
+def test_jumprelu_settings_must_be_positive(name):
+    with pytest.raises(ValueError, match=f"{name}=0.0 must be a finite number > 0"):
+        TrainConfig.of(**{name: 0.0})

@@ -56,3 +56,19 @@ def test_corrupt_and_mismatched_files(default_model, tmp_path) -> None:
 def test_hub_name_fails_fast_offline() -> None:
     with pytest.raises(ModelLoadError, match="needs the internet"):
         resolve_model("gpt2")
+
+
+def test_bidirectional_model_saves_and_loads_bidirectional(tmp_path):
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuitgraph.models import load_model, save_model
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=8, n_heads=2, d_mlp=32, d_vocab=20,
+                                  act_fn="gelu", attention_dir="bidirectional", seed=0)
+    model = HookedTransformer(cfg)
+    back = load_model(save_model(model, tmp_path / "m"))
+    assert back.cfg.attention_dir == "bidirectional"
+    tokens = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():  # a causal reload would differ at every position but the last
+        torch.testing.assert_close(back(tokens), model(tokens))

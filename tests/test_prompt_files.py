@@ -109,3 +109,14 @@ def test_answer_needs_a_tokenizer():
                                                       attn_only=True))
     with pytest.raises(TaskError, match="needs a tokenizer"):
         single_token_id(model, " Mary")
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, default_model):
+    from circuitgraph.errors import TaskError
+    from circuitgraph.tasks.files import dataset_from_file
+
+    path = tmp_path / "bad.jsonl"
+    good = '{"prompt": "When Mary and John went to the park, John gave a book to", "answer": " Mary"}'
+    path.write_text(good + "\n\n" + good + "\n{\"prompt\": oops}\n")
+    with pytest.raises(TaskError, match="line 4: not valid JSON"):
+        dataset_from_file(path, default_model)

@@ -30,7 +30,7 @@ ARCH_KEYS: tuple[str, ...] = (
     "original_architecture", "default_prepend_bos", "model_name", "use_attn_scale",
     "parallel_attn_mlp", "use_local_attn", "window_size", "attn_types", "use_qk_norm",
     "scale_attn_by_inverse_layer_idx", "use_NTK_by_parts_rope", "NTK_by_parts_low_freq_factor",
-    "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor", "NTK_original_ctx_len",
+    "NTK_by_parts_high_freq_factor", "NTK_by_parts_factor", "NTK_original_ctx_len", "attention_dir",
 )
 
 

@@ -69,8 +69,16 @@ def _rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            rows = [json.loads(line) if line.strip() else None for line in text.splitlines()]
-            return [r for r in rows if r is not None]  # blank lines skipped, row numbers count the others
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue  # blank lines skipped, row numbers count the others
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise TaskError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
+                                    "one JSON object per line") from err
+            return rows
         if suffix == ".json":
             data = json.loads(text)
             return data["rows"] if isinstance(data, dict) and "rows" in data else data

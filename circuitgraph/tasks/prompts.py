@@ -14,19 +14,15 @@ Rows have the fields documented in :mod:`circuitgraph.tasks.files` (and docs/dat
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import TaskError
 from circuitgraph.tasks.dataset import TaskDataset
-
-log = logging.getLogger(__name__)
 
 
 class Split(NamedTuple):
@@ -86,20 +82,12 @@ class PromptDataset:
         return cls(make_dataset(task, model, n=n, seed=seed), True)
 
     def split(self, n_eval: int, seed: int = 1) -> Split:
-        """Rows shuffled with ``seed``; the last ``n_eval`` held out for evaluation, the rest select."""
+        """Rows shuffled with ``seed``; the last ``n_eval`` held out for evaluation, the rest select
+        (selection rows repeating a held-out prompt are dropped: :func:`~circuitgraph.tasks.files.split_held_out`)."""
         from circuitgraph.tasks.files import split_held_out
 
         if n_eval < 0:
             raise TaskError(f"n_eval must be >= 0, got {n_eval}")
         select, held = split_held_out(self.data, n_eval, seed)
-        if held is not None:  # a prompt may occur twice; held-out prompts must never select the circuit
-            seen = set(held.prompts)
-            keep = torch.tensor([p not in seen for p in select.prompts])
-            if not bool(keep.all()):
-                if not bool(keep.any()):
-                    raise TaskError("every selection prompt also occurs among the held-out ones; the dataset "
-                                    "repeats its prompts, give more distinct rows")
-                log.info("split: %d selection rows repeat a held-out prompt and are dropped", int((~keep).sum()))
-                select = select.subset(keep.nonzero().squeeze(1))
         return Split(PromptDataset(select, self.has_corrupted),
                      None if held is None else PromptDataset(held, self.has_corrupted))

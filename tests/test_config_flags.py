@@ -90,3 +90,9 @@ def test_trace_flags_come_from_the_method_configs(tmp_path, capsys):
 def test_jumprelu_settings_must_be_positive(name):
     with pytest.raises(ValueError, match=f"{name}=0.0 must be a finite number > 0"):
         TrainConfig.of(**{name: 0.0})
+
+
+def test_dicts_commands_take_committed_set_names(capsys):
+    assert cli(["dicts", "mmcs", "default", "default", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out) == 8  # the committed default set: attn_z + transcoder at 4 layers, read by name

@@ -14,7 +14,7 @@ from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus
 from dictionaries import distributed
 from dictionaries.errors import DictionaryError
 from dictionaries.metrics import evaluate_dictionaries, mmcs
-from dictionaries.persistence import check_against_model, load_dictionaries
+from dictionaries.persistence import check_against_model
 from dictionaries.site import expand_sites
 from dictionaries.token_sources import (
     ModelSampledTokens,
@@ -106,6 +106,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     mm.set_defaults(func=run_mmcs)
 
 
+def _load_dicts(spec: str, device: str = "cpu"):
+    """``--dicts``: a committed set name (default, v1, sparse_interaction) or any folder / file / hf: reference."""
+    from circuitgraph.api import load_dictionaries as load_named
+
+    return load_named(spec, device=device)
+
+
 def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
     """The training/evaluation token source named by the flags."""
     try:
@@ -176,7 +183,7 @@ def _train_from_file(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, device=args.device)
     _check_eval_sizes(args, model)
-    dicts = load_dictionaries(args.dicts, device=args.device)
+    dicts = _load_dicts(args.dicts, device=args.device)
     check_against_model(dicts, model.cfg)
     source = token_source(args, model, seed=EVAL_SEED)
     tokens = source.sequences(0, args.n_seq)
@@ -217,7 +224,7 @@ def run_report(args: argparse.Namespace) -> int:
     density_tokens = source.sequences(args.n_seq, args.density_seqs) if args.density_seqs > 0 else None
     sets = {}
     for folder in [f for f in args.dicts.split(",") if f]:
-        dicts = load_dictionaries(folder, device=args.device)
+        dicts = _load_dicts(folder, device=args.device)
         check_against_model(dicts, model.cfg)
         sets[folder] = evaluate_dictionaries(model, dicts, tokens, density_tokens=density_tokens)
     Path(args.out).write_text(render_report(sets, f"dictionaries of {args.model}", study=study), encoding="utf-8")
@@ -255,7 +262,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.seqs <= 0:
         raise DictionaryError(f"--seqs {args.seqs}: count firing on at least one sequence")
     model = resolve_model(args.model, device=args.device)
-    dicts = load_dictionaries(args.dicts, device=args.device)
+    dicts = _load_dicts(args.dicts, device=args.device)
     check_against_model(dicts, model.cfg)
     train_cfg = Path(args.dicts) / "train_config.json"
     seed = json.loads(train_cfg.read_text()).get("seed", 0) if train_cfg.is_file() else 0
@@ -278,7 +285,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     check_distinct(args.out, args.dicts)
-    dicts = load_dictionaries(args.dicts)
+    dicts = _load_dicts(args.dicts)
     if args.to == "saelens":
         from dictionaries.saelens_format import save_saelens_set
 
@@ -302,7 +309,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_mmcs(args: argparse.Namespace) -> int:
-    a, b = load_dictionaries(args.a), load_dictionaries(args.b)
+    a, b = _load_dicts(args.a), _load_dicts(args.b)
     common = sorted(set(a) & set(b))
     if not common:
         raise DictionaryError(f"{args.a} and {args.b} share no site; MMCS compares dictionaries of the same site")

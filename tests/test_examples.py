@@ -77,3 +77,18 @@ def test_stories_pipeline_example(tmp_path):
     graph = cg.Graph.load(tmp_path / "st" / "graph")
     assert graph.metadata["faithfulness"] == res["faithfulness"]
     assert len(cg.load_dictionaries(res["dicts"])) == 10  # attn_z + transcoder at 5 layers
+
+
+def test_prompt_dataset_padding_side_reaches_the_tokens(default_model):
+    import circuitgraph as cg
+
+    rows = [{"prompt": "When Mary and John went to the park, John gave a book to", "answer": " Mary"},
+            {"prompt": "Then Mary and John went to the park. John gave a book to", "answer": " Mary"},
+            {"prompt": "Mary gave a book to", "answer": " John"}]
+    right = cg.PromptDataset.from_records(rows, default_model)
+    left = cg.PromptDataset.from_records(rows, default_model, padding_side="left")
+    short = 2  # the third prompt is the shortest: padded at its end (right) or its start (left)
+    assert int(right.data.attention_mask[short, -1]) == 0 and int(left.data.attention_mask[short, 0]) == 0
+    real_r = right.data.clean_tokens[short][right.data.attention_mask[short].bool()]
+    real_l = left.data.clean_tokens[short][left.data.attention_mask[short].bool()]
+    assert torch.equal(real_r, real_l)  # the same prompt, only the padding moved

@@ -57,29 +57,31 @@ class PromptDataset:
         return self.data.prompts
 
     @classmethod
-    def from_records(cls, records: Sequence[dict], model: HookedTransformer, name: str = "records") -> PromptDataset:
+    def from_records(cls, records: Sequence[dict], model: HookedTransformer, name: str = "records",
+                     padding_side: str = "right") -> PromptDataset:
         """Rows given in Python: dicts with ``prompt``, ``answer`` and optionally ``wrong`` and
-        ``corrupted_prompt`` (the fields of a prompt file)."""
+        ``corrupted_prompt`` (the fields of a prompt file); ``padding_side``: ``right`` or ``left``."""
         from circuitgraph.tasks.files import dataset_from_rows
 
-        ds, has_corrupted = dataset_from_rows(list(records), model, name)
+        ds, has_corrupted = dataset_from_rows(list(records), model, name, padding_side=padding_side)
         return cls(ds, has_corrupted)
 
     @classmethod
-    def from_file(cls, path: str | Path, model: HookedTransformer) -> PromptDataset:
-        """The rows of a ``.jsonl``, ``.json`` or ``.csv`` prompt file."""
+    def from_file(cls, path: str | Path, model: HookedTransformer, padding_side: str = "right") -> PromptDataset:
+        """The rows of a ``.jsonl``, ``.json`` or ``.csv`` prompt file; ``padding_side``: ``right`` or ``left``."""
         from circuitgraph.tasks.files import dataset_from_file
 
-        ds, has_corrupted = dataset_from_file(path, model)
+        ds, has_corrupted = dataset_from_file(path, model, padding_side=padding_side)
         return cls(ds, has_corrupted)
 
     @classmethod
-    def from_task(cls, task: str, model: HookedTransformer, n: int = 64, seed: int = 0) -> PromptDataset:
+    def from_task(cls, task: str, model: HookedTransformer, n: int = 64, seed: int = 0,
+                  padding_side: str = "right") -> PromptDataset:
         """``n`` prompts of a built-in task (``ioi``, ``agreement``, ``induction``, ``greater_than``,
         ``story_names``), held-out words, deterministic in ``seed``; corrupted prompts included."""
         from circuitgraph.tasks.registry import make_dataset
 
-        return cls(make_dataset(task, model, n=n, seed=seed), True)
+        return cls(make_dataset(task, model, n=n, seed=seed, padding_side=padding_side), True)
 
     def split(self, n_eval: int, seed: int = 1) -> Split:
         """Rows shuffled with ``seed``; the last ``n_eval`` held out for evaluation, the rest select

@@ -107,9 +107,9 @@ def run_ours(cell: str, mode: str, args) -> tuple[float, dict, dict]:
     tokens = prompt(cell)
     if mode == "equal":
         acfg = LinearAttributionConfig(max_feature_nodes=10**9, batch_size=args.batch, max_logits=10, progress=False,
-                                       bos="detach", device=args.device)
+                                       bos="detach", device=args.device, memory_mb=args.memory_mb)
     else:
-        acfg = LinearAttributionConfig(progress=False, device=args.device)
+        acfg = LinearAttributionConfig(progress=False, device=args.device, memory_mb=args.memory_mb)
     attribute_prompt(rm, tokens[:, :8], LinearAttributionConfig(**{**acfg.__dict__, "max_feature_nodes": 64}))
     t = time.perf_counter()
     g = attribute_prompt(rm, tokens, acfg)
@@ -118,7 +118,8 @@ def run_ours(cell: str, mode: str, args) -> tuple[float, dict, dict]:
             "n_active": g.metadata["n_active_features"], "edges": g.n_edges,
             "result_mb": sum(x.numel() * x.element_size() for x in (g.sources, g.targets, g.weights)) / 2**20,
             "logit_sum": _logit_sum(model, tokens),
-            "bos": acfg.bos, "batch": g.metadata.get("batch_size", acfg.batch_size)}
+            "bos": acfg.bos, "batch": g.metadata.get("batch_size", acfg.batch_size),
+            "spilled": g.metadata.get("edges_spilled")}
     ids = [n.id for n in g.nodes]
     visited = {ids[i] for i in (~torch.isnan(g.bias)).nonzero().squeeze(1).tolist()}
     want = [i for i in _sampled(ids, info["n_active"]) if i in visited]
@@ -254,7 +255,7 @@ def worker(args) -> None:
 
 def spawn(side: str, cell: str, mode: str, args, device: str, sample_out: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--cell", cell, "--mode", mode, "--threads", str(args.threads),
-           "--batch", str(args.batch), "--device", device] + (["--sample-out", sample_out] if sample_out else [])
+           "--batch", str(args.batch), "--device", device, "--memory-mb", str(args.memory_mb)] + (["--sample-out", sample_out] if sample_out else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -321,6 +322,7 @@ def measure(cell: str, mode: str, args, tmp: Path) -> dict:
                 "features_visited": mine.get("features_visited"), "theirs_features_visited": theirs.get("features_visited"),
                 "n_active": mine.get("n_active"), "ours_edges": mine.get("edges"), "ours_result_mb": mine.get("result_mb"),
                 "theirs_result_mb": theirs.get("result_mb"), "bos": mine.get("bos"), "ours_batch": mine.get("batch"),
+                "ours_spilled": mine.get("spilled"), "ours_memory_mb": args.memory_mb,
                 "repeats": [mine.get("repeats"), theirs.get("repeats")], "ours_error": mine.get("error"),
                 "theirs_error": theirs.get("error"), "load_after": load()})
     if "seconds" in mine and "seconds" in theirs:
@@ -344,6 +346,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--check-device", default=None, help="compare ours on --device with ours on this device instead")
     ap.add_argument("--ours-only", action="store_true", help="skip circuit-tracer (e.g. batch-size sweeps)")
+    ap.add_argument("--memory-mb", type=float, default=0, help="our memory budget (0: half the available memory)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line per cell and mode")
     ap.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     ap.add_argument("--cell", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ from circuitgraph.attribution.nodeset import DatasetNode, KeptNodes
 from circuitgraph.attribution.runs import DatasetRuns, metric_of, position_mask
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement import ReplacementModel
+from circuitgraph.replacement.masking import run_model
 from circuitgraph.replacement.model import SpliceSpec
 from circuitgraph.tasks.dataset import RowTarget, TokenRow, build_from_rows
 from circuitgraph.tasks.registry import make_dataset
@@ -105,18 +106,49 @@ def test_padded_bidirectional_batch_equals_prompts_alone(linear_rm, bidir_ds):
 
 def test_bidirectional_counts_every_real_token(bidir_ds):
     mask = position_mask(bidir_ds, bidir_ds.clean_tokens.shape[1], causal=False)
-    real = bidir_ds.attention_mask.bool()
-    first = bidir_ds.first_pos()
-    expected = real.clone()
-    expected[torch.arange(len(bidir_ds)), first] = False
-    assert torch.equal(mask.bool(), expected)
+    assert torch.equal(mask.bool(), bidir_ds.attention_mask.bool())  # the first token too, never padding
     assert bool((mask.bool() & (torch.arange(mask.shape[1]) > bidir_ds.answer_pos.unsqueeze(1))).any())
+
+
+@pytest.mark.parametrize("kind", ["patch", "mean"])
+def test_bidirectional_ablation_reaches_the_first_token(linear_rm, bidir_ds, kind):
+    """Position 0 reads every position in a bidirectional model, so ablating a site's nodes must
+    ablate its output there too. Only layer 0 spliced (layer 1 then reads position 0 live): every
+    node ablated equals the plain model with layer 0's hook_z set, at every real position, to its
+    corrupted value (patch) or its mean over the real positions (mean), set by hand with a hook."""
+    rm = ReplacementModel(linear_rm.model, {UP: linear_rm.dicts[UP]})
+    ab = Ablator(rm, bidir_ds, kind)
+    model, ds, hook = rm.model, bidir_ds, UP.output_hook
+    cache = {}
+
+    def save(name):
+        def hook_fn(act, hook):
+            cache[name] = act.detach().clone()
+        return hook_fn
+
+    with torch.no_grad():  # run_model masks padded keys, as the replacement model does
+        run_model(model, ds.clean_tokens, ds.attention_mask, [(hook, save("clean"))])
+        run_model(model, ds.corrupted_tokens, ds.attention_mask, [(hook, save("corrupted"))])
+    real = ds.attention_mask.bool()[..., None, None]
+    if kind == "patch":
+        value = cache["corrupted"]
+    else:
+        z = cache["clean"]
+        value = ((z * real).sum((0, 1)) / real.sum()).expand_as(z)
+    with torch.no_grad():
+        logits = run_model(model, ds.clean_tokens, ds.attention_mask, [(hook, lambda act, hook: value.clone())])
+    expected = float(metric_of(logits, ds).mean())
+    assert ab.empty() == pytest.approx(expected, rel=1e-9, abs=1e-10)
+    assert ab.full() == pytest.approx(float(metric_of(run_model(model, ds.clean_tokens, ds.attention_mask), ds).mean()),
+                                      abs=1e-10)
+    assert abs(ab.full() - ab.empty()) > 0.1  # the ablation changes the metric: the check discriminates
 
 
 def _clean(rm, ds):
     with torch.no_grad():
-        clean = rm.run(ds.clean_tokens, attention_mask=ds.attention_mask)
-        corr = rm.run(ds.corrupted_tokens, attention_mask=ds.attention_mask)
+        # dataset runs of a bidirectional model splice position 0 with its output in the error term
+        clean = rm.run(ds.clean_tokens, SpliceSpec(first_as_error=True), attention_mask=ds.attention_mask)
+        corr = rm.run(ds.corrupted_tokens, SpliceSpec(first_as_error=True), attention_mask=ds.attention_mask)
     return clean, corr
 
 
@@ -141,23 +173,27 @@ def test_bidirectional_node_scores_and_edges_equal_interventions(linear_rm, bidi
         def edit(site, x, f=f, where=counted):
             return _patched({site: x}, site, f, c_lat[site], where)[site] if site == UP else x
 
-        exact = m_clean - float(_metric(rm, ds, SpliceSpec(errors=err, edit_latents=edit)).sum())
+        exact = m_clean - float(_metric(rm, ds, SpliceSpec(first_as_error=True, errors=err, edit_latents=edit)).sum())
         assert float(sc.features[UP][f]) == pytest.approx(exact, rel=1e-8, abs=1e-10)
 
         def causal_edit(site, x, f=f):
             return edit(site, x, f, before_answer)
 
-        causal_only = m_clean - float(_metric(rm, ds, SpliceSpec(errors=err, edit_latents=causal_edit)).sum())
+        causal_only = m_clean - float(_metric(rm, ds, SpliceSpec(first_as_error=True, errors=err, edit_latents=causal_edit)).sum())
         assert abs(causal_only - exact) > 0.05 * abs(exact)  # the later tokens matter: a causal mask would miss them
+    for site in (UP, DOWN):  # error nodes (position 0's whole output among them): patched at every counted position
+        errs = {**err, site: torch.where(counted.unsqueeze(-1), corr.sites[site].errors, err[site])}
+        exact = m_clean - float(_metric(rm, ds, SpliceSpec(first_as_error=True, errors=errs)).sum())
+        assert float(sc.errors[site][0]) == pytest.approx(exact, rel=1e-8, abs=1e-10)
     nodes = [DatasetNode(UP, 0), DatasetNode(UP, 1), DatasetNode(DOWN, 0), DatasetNode(DOWN, 4), DatasetNode(UP, None)]
     edges, metric_edges = score_edges(rm, nodes, sc, DatasetAttributionConfig(progress=False, reduce="sum"))
     for j, u in enumerate(nodes):
         # into the metric: u patched with every site a leaf at its clean values (the direct effect)
         if u.feature is None:
             errs = {**err, u.site: torch.where(counted.unsqueeze(-1), corr.sites[u.site].errors, err[u.site])}
-            direct = _metric(rm, ds, SpliceSpec(latents=lat, errors=errs))
+            direct = _metric(rm, ds, SpliceSpec(first_as_error=True, latents=lat, errors=errs))
         else:
-            direct = _metric(rm, ds, SpliceSpec(latents=_patched(lat, u.site, u.feature, c_lat[u.site], counted),
+            direct = _metric(rm, ds, SpliceSpec(first_as_error=True, latents=_patched(lat, u.site, u.feature, c_lat[u.site], counted),
                                                 errors=err))
         assert float(metric_edges[j]) == pytest.approx(m_clean - float(direct.sum()), rel=1e-8, abs=1e-10)
         if u.site != UP:
@@ -171,10 +207,10 @@ def test_bidirectional_node_scores_and_edges_equal_interventions(linear_rm, bidi
                 up_lat = _patched(lat, UP, u.feature, c_lat[UP], counted) if u.feature is not None else lat
                 up_err = err if u.feature is not None else \
                     {**err, UP: torch.where(counted.unsqueeze(-1), corr.sites[UP].errors, err[UP])}
-                moved = rm.run(ds.clean_tokens, SpliceSpec(latents={UP: up_lat[UP]}, errors=up_err),
+                moved = rm.run(ds.clean_tokens, SpliceSpec(first_as_error=True, latents={UP: up_lat[UP]}, errors=up_err),
                                attention_mask=ds.attention_mask).sites[DOWN].latents
             only_d = {**lat, DOWN: _patched(lat, DOWN, d.feature, moved, counted)[DOWN]}
-            exact = m_clean - float(_metric(rm, ds, SpliceSpec(latents=only_d, errors=err)).sum())
+            exact = m_clean - float(_metric(rm, ds, SpliceSpec(first_as_error=True, latents=only_d, errors=err)).sum())
             assert float(edges[i, j]) == pytest.approx(exact, rel=1e-7, abs=1e-9), (u, d)
     assert edges[2:4, :2].abs().min() > 1e-4 and metric_edges.abs().min() > 1e-4  # checked edges are not all zero
 
@@ -231,8 +267,8 @@ def test_padded_causal_batch_equals_prompts_alone(causal_rm, default_model, side
             per = [causal_rm.run(a.clean_tokens).sites[s] for a in alone]
         lat = torch.cat([r.latents[0, 1:] for r in per])
         err = torch.cat([r.errors[0, 1:] for r in per])
-        torch.testing.assert_close(lat_mean[s], lat.mean(0), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(err_mean[s], err.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lat_mean[s].float(), lat.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(err_mean[s].float(), err.mean(0), rtol=1e-4, atol=1e-5)
     # a circuit evaluated by patch ablation: the batch's mean metric is the mean over prompts alone
     circuit = KeptNodes.none({s: d.cfg.d_dict for s, d in causal_rm.dicts.items()})
     for s in causal_rm.sites[::2]:

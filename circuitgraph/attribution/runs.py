@@ -7,14 +7,18 @@ them; the ablation baselines (``patch``: the corrupted values; ``mean``: the mea
 the dataset's counted positions; ``zero``) are derived from them.
 
 Counted positions (:func:`position_mask`) are those whose nodes can influence the answer: real
-tokens (padding excluded) after each row's first one (BOS, never spliced), up to the answer position
-(the last target) in a causal model, every real token in a bidirectional one. Padded batches run
+tokens (padding excluded) after each row's first one (BOS, not spliced: in a causal model it
+depends on the BOS token alone), up to the answer position (the last target) in a causal model;
+every real token in a bidirectional one, where the first reads every position: dataset runs splice
+it with its latents held at zero, so its whole output is the error node (:func:`run_batch`) and
+ablating every node gives the corrupted run. Padded batches run
 with their attention mask, so each prompt's values equal those of the prompt run alone. When the
 metric reads the clean distribution (``kl``), each batch carries it (``BatchRun.ds``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -38,7 +42,11 @@ def metric_of(logits: torch.Tensor, ds: TaskDataset) -> torch.Tensor:
 
 def run_batch(rm: ReplacementModel, b: TaskDataset, spec: SpliceSpec | None = None,
               corrupted: bool = False) -> RunResult:
-    """One spliced run of the batch's clean (or corrupted) prompts with its attention mask."""
+    """One spliced run of the batch's clean (or corrupted) prompts with its attention mask. In a
+    bidirectional model each prompt's first token is spliced too, its whole output in the error term
+    (``SpliceSpec.first_as_error``): it reads every position, so ablations must reach it."""
+    if not is_causal(rm.model):
+        spec = replace(spec, first_as_error=True) if spec is not None else SpliceSpec(first_as_error=True)
     return rm.run(b.corrupted_tokens if corrupted else b.clean_tokens, spec, attention_mask=b.attention_mask)
 
 
@@ -47,10 +55,13 @@ def batches(ds: TaskDataset, size: int) -> list[TaskDataset]:
     return [ds.subset(slice(i, i + size)) for i in range(0, len(ds), size)]
 
 
-def position_mask(ds: TaskDataset, n_pos: int, causal: bool = True, include_first: bool = False) -> torch.Tensor:
-    """``[n, P]`` float, 1 where nodes are counted: real tokens after each row's first (with
-    ``include_first`` the first too), up to the answer position when ``causal``, else all of them."""
+def position_mask(ds: TaskDataset, n_pos: int, causal: bool = True, include_first: bool | None = None) -> torch.Tensor:
+    """``[n, P]`` float, 1 where nodes are counted: real tokens after each row's first, up to the
+    answer position when ``causal``; every real token, the first included (its output is an error
+    node there, :func:`run_batch`), when not. ``include_first`` overrides whether the first counts."""
     out = ds.real_mask()[:, :n_pos].clone()
+    if include_first is None:
+        include_first = not causal
     if not include_first:
         out[torch.arange(len(ds)), ds.first_pos()] = False
     if causal:
@@ -136,17 +147,18 @@ class DatasetRuns:
         return sum_float(sum(float(b.metric_corrupt.sum()) for b in self.batches)) / self.n_prompts
 
     def means(self) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
-        """Mean clean latents and errors over the counted positions of every prompt."""
+        """Mean clean latents and errors over the counted positions of every prompt (float64; the
+        baseline casts them to the run's dtype)."""
         if self._means is None:
-            lat = {s: torch.zeros(d.cfg.d_dict) for s, d in self.rm.dicts.items()}
-            err = {s: torch.zeros(d.cfg.error_width) for s, d in self.rm.dicts.items()}
+            lat = {s: torch.zeros(d.cfg.d_dict, dtype=torch.float64) for s, d in self.rm.dicts.items()}
+            err = {s: torch.zeros(d.cfg.error_width, dtype=torch.float64) for s, d in self.rm.dicts.items()}
             count = 0.0
             for b in self.batches:
                 m = b.mask.unsqueeze(-1)
                 count += float(b.mask.sum())
                 for s in self.rm.dicts:
-                    lat[s] += (b.clean_latents[s] * m).sum((0, 1)).float()
-                    err[s] += (b.clean_errors[s] * m).sum((0, 1)).float()
+                    lat[s] += (b.clean_latents[s] * m).sum((0, 1)).double()
+                    err[s] += (b.clean_errors[s] * m).sum((0, 1)).double()
             count = max(sum_float(count), 1.0)
             self._means = ({s: sum_across_ranks(t) / count for s, t in lat.items()},
                            {s: sum_across_ranks(t) / count for s, t in err.items()})

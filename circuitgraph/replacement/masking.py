@@ -58,17 +58,25 @@ def padding_hooks(model: HookedTransformer, mask: torch.Tensor | None) -> list[H
     return [(block.attn.hook_attn_scores.name, mask_keys) for block in model.blocks]
 
 
+def first_positions(batch: int, n_pos: int, mask: torch.Tensor | None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[batch, n_pos]`` bool: each row's first real token. ``mask``: from :func:`model_mask`."""
+    out = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
+    first = torch.zeros(batch, dtype=torch.long, device=device) if mask is None else \
+        mask.bool().to(device).long().argmax(1)
+    out[torch.arange(batch, device=device), first] = True
+    return out
+
+
 def unspliced_positions(batch: int, n_pos: int, mask: torch.Tensor | None,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+                        device: torch.device | str = "cpu", first: bool = True) -> torch.Tensor:
     """``[batch, n_pos]`` bool: positions a replacement model leaves unspliced, each row's first real
-    token (BOS, where dictionaries are not trained) and its padding. ``mask``: from :func:`model_mask`."""
-    if mask is None:
-        out = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
-        out[:, 0] = True
-        return out
-    real = mask.bool().to(device)
-    out = ~real
-    out[torch.arange(batch, device=device), real.long().argmax(1)] = True
+    token (BOS, where dictionaries are not trained; not with ``first=False``) and its padding.
+    ``mask``: from :func:`model_mask`."""
+    out = first_positions(batch, n_pos, mask, device) if first else \
+        torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
+    if mask is not None:
+        out |= ~mask.bool().to(device)
     return out
 
 

@@ -28,7 +28,7 @@ from transformer_lens import HookedTransformer
 
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.frozen import FrozenState, freeze_hooks, record_frozen_hooks
-from circuitgraph.replacement.masking import model_mask, padding_hooks, unspliced_positions
+from circuitgraph.replacement.masking import first_positions, model_mask, padding_hooks, unspliced_positions
 from dictionaries.architectures.base import SparseDictionary
 from dictionaries.cross_layer import layer_slice
 from dictionaries.persistence import check_against_model
@@ -70,9 +70,20 @@ class SpliceSpec:
     and its padding) instead of the model's own activation there; broadcast against ``[B, P, d_out]``
     (``[B, 1, d]`` holds one value per row). Recorded activations here hold the BOS outputs fixed,
     circuit-tracer's convention; recorded values plus a zero leaf give the gradient there."""
+    first_as_error: bool = False
+    """Splice each row's first real token too, its encoded latents set to zero there: its whole output
+    (less the dictionary's bias and skip term) is the site's error term, so ablating the error node
+    ablates it (given latents and edits apply as everywhere). Dataset runs of bidirectional models use this: there position 0 reads every position
+    and must be ablatable like the rest (in a causal model it depends on the BOS token alone)."""
     record_active_values: bool = False
     """Compute every latent's affine pre-activation (:attr:`SiteRecord.active_value`); costs a dense
     encoder product per site."""
+
+
+def _zero_first(latents: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``latents`` ``[B, P, d]`` with each row's first real token zeroed (``SpliceSpec.first_as_error``)."""
+    b, p = latents.shape[:2]
+    return latents.masked_fill(first_positions(b, p, mask, latents.device).unsqueeze(-1), 0.0)
 
 
 class SiteRecord(NamedTuple):
@@ -146,6 +157,8 @@ class ReplacementModel:
                 latents = spec.latents[site]
             else:
                 latents = d.encode(x_flat).reshape(b, p, -1)
+                if spec.first_as_error:
+                    latents = _zero_first(latents, mask)
             if site in spec.errors:
                 errors = spec.errors[site]
             else:
@@ -162,7 +175,7 @@ class ReplacementModel:
             new = decoded + skip + errors
             if site in spec.offsets:
                 new = new + spec.offsets[site]
-            keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
+            keep = unspliced_positions(b, p, mask, act.device, not spec.first_as_error).unsqueeze(-1)
             own = spec.unspliced[site].to(act.dtype) if site in spec.unspliced else act.reshape(b, p, -1)
             new = torch.where(keep, own, new)
             return new.reshape(act.shape).to(act.dtype)
@@ -199,7 +212,12 @@ class ReplacementModel:
                 b, p = act.shape[:2]
                 x_flat = act.reshape(b * p, -1)
                 active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
-                latents = spec.latents[site] if site in spec.latents else d.encode(x_flat).reshape(b, p, -1)
+                if site in spec.latents:
+                    latents = spec.latents[site]
+                else:
+                    latents = d.encode(x_flat).reshape(b, p, -1)
+                    if spec.first_as_error:
+                        latents = _zero_first(latents, mask)
                 skip = d.skip_term(x_flat).reshape(b, p, -1) if d.W_skip is not None else 0.0
                 clean = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip
                 used = clean
@@ -227,7 +245,7 @@ class ReplacementModel:
                 out[site] = SiteRecord(latents, errors, inputs, active)
                 if not touched:
                     return act  # the writes plus their error are the activation: return it bit-exactly
-                keep = unspliced_positions(b, p, mask, act.device).unsqueeze(-1)
+                keep = unspliced_positions(b, p, mask, act.device, not spec.first_as_error).unsqueeze(-1)
                 own = spec.unspliced[site].to(act.dtype) if site in spec.unspliced else act.reshape(b, p, -1)
                 new = torch.where(keep, own, used + errors)
                 return new.reshape(act.shape).to(act.dtype)

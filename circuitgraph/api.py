@@ -83,6 +83,12 @@ def replacement_model(model: HookedTransformer, dicts: Mapping[Site, SparseDicti
     """``model`` with the dictionaries of ``dicts`` spliced in. ``sites``: the site kinds to splice
     (``attn_z,transcoder``; default every kind in ``dicts``, which must then hold one dictionary per
     output hook); ``layers``: ``all``, ``0,2`` or ``1-3``."""
+    n_layers = model.cfg.n_layers
+    beyond = sorted(s.id for s in dicts if s.layer >= n_layers)
+    if beyond:
+        raise CircuitGraphError(f"{source} has dictionaries for layers the model does not have ({', '.join(beyond)}; "
+                                f"the model has {n_layers} layers, 0..{n_layers - 1}): were they trained on another "
+                                "model? Pass the model they were trained on (--model)")
     kinds = sites or ",".join(sorted({s.kind for s in dicts}))
     try:
         wanted = set(expand_sites(kinds, layers, model.cfg.n_layers))

@@ -130,6 +130,7 @@ def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> No
     """Raise :class:`DictionaryError` when a dictionary does not fit the model's sites and widths
     (or a cross-layer transcoder's layers leave a gap: every later MLP output needs its writers)."""
     from dictionaries.cross_layer import check_clt_sites
+    from dictionaries.model_identity import same_model
 
     try:
         check_clt_sites(list(dicts), model_cfg.n_layers)
@@ -147,7 +148,7 @@ def check_against_model(dicts: Mapping[Site, SparseDictionary], model_cfg) -> No
                 f"dictionary {site.id} has widths ({d.cfg.d_in} -> {d.cfg.out_width}) but the model's site has "
                 f"({d_in} -> {d_out}); it was trained on another model"
             )
-        if d.cfg.model_name and model_name and d.cfg.model_name != model_name:  # widths fit, the model differs
+        if d.cfg.model_name and model_name and not same_model(d.cfg.model_name, model_name):  # widths fit, model differs
             raise DictionaryError(f"dictionary {site.id} was trained on model {d.cfg.model_name!r}, not {model_name!r}; "
                                   "load dictionaries trained on this model")
 

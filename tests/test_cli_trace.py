@@ -154,6 +154,68 @@ def test_trace_bad_input(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+PROMPT = "When Mary and John went to the park, John gave a book to"
+
+
+@pytest.mark.parametrize("argv,message", [
+    # flags the chosen mode would silently ignore
+    (["--prompt", PROMPT, "--task", "ioi"], "--task is for a --task dataset, which --prompt"),
+    (["--prompt", PROMPT, "--method", "ig"], "--method is for dataset circuits, which --prompt"),
+    (["--prompt", PROMPT, "--eval-n", "4", "--padding-side", "left"], "--eval-n, --padding-side are for dataset"),
+    (["--prompt", PROMPT, "--max-feature-nodes", "10"], "a --prompt graph's budget is --prompt-max-feature-nodes"),
+    (["--dataset", "DATA", "--task", "ioi", "--n", "5"], "--task, --n are for a built-in --task's prompts"),
+    (["--dataset", "DATA", "--prompt-max-feature-nodes", "10"], "--prompt-max-feature-nodes is the budget of a --prompt"),
+    (["--dataset", "DATA", "--bos", "detach"], "--bos is for --prompt graphs"),
+    (["--task", "ioi", "--node-threshold", "0.5"], "--node-threshold is for --prompt graphs"),
+    (["--task", "ioi", "--max-edges", "10"], "--max-edges is for --granularity components"),
+    (["--task", "ioi", "--granularity", "components", "--max-nodes", "10"], "--max-nodes is for --granularity features"),
+    # values that used to give raw tracebacks or were accepted
+    (["--prompt", PROMPT, "--max-logits", "0"], "max_logits is 0 and no answer was given"),
+    (["--prompt", PROMPT, "--device", "cuda:x"], "unknown device 'cuda:x'"),
+    (["--task", "ioi", "--n", "4", "--target-faithfulness", "1.5"], "use a value in (0, 1]"),
+])
+def test_trace_refuses_flags_it_would_ignore(tmp_path, capsys, argv, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": PROMPT, "answer": " Mary", "wrong": " John"}) + "\n")
+    argv = [str(data) if a == "DATA" else a for a in argv]
+    assert main(["trace", *argv, "--describe-seqs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_trace_cuda_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    assert main(["trace", "--prompt", PROMPT, "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_dictionaries_for_layers_the_model_lacks(tmp_path, capsys):
+    import shutil
+
+    from circuitgraph.models.loading import DEFAULT_DICTS_DIR
+
+    d = tmp_path / "d"
+    shutil.copytree(DEFAULT_DICTS_DIR / "L0.attn_z", d / "L9.attn_z")
+    cfg = d / "L9.attn_z" / "cfg.json"
+    cfg.write_text(cfg.read_text().replace('"L0.attn_z"', '"L9.attn_z"'))
+    assert main(["trace", "--dicts", str(d), "--prompt", PROMPT, "--out", str(tmp_path / "x")]) == 2
+    assert "layers the model does not have (L9.attn_z; the model has 4 layers" in capsys.readouterr().err
+
+
+def test_one_row_dataset_says_it_is_evaluated_on_its_selection(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": PROMPT, "answer": " Mary", "wrong": " John",
+                                "corrupted_prompt": "When Mary and John went to the park, Mary gave a book to"}) + "\n")
+    assert main(["trace", "--dataset", str(data), "--max-nodes", "5", "--describe-seqs", "0",
+                 "--out", str(tmp_path / "g"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "has 1 row: too few to hold one out" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["n_nodes"] > 0
+
+
 def test_supernodes_bad_input(tmp_path, capsys):
     assert main(["supernodes", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "missing" in capsys.readouterr().err

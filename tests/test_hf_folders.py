@@ -4,6 +4,7 @@ the ``transformers`` model's own logits and tokenizer; refusals; ``trace`` end t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,32 @@ def test_trace_end_to_end_on_a_hf_folder(gpt2_folder, tmp_path, capsys) -> None:
 
     graph = Graph.load(tmp_path / "g")
     assert graph.metadata["model"] == str(folder) and any(n.kind == "feature" for n in graph.nodes)
+    # the dictionaries belong to the weights, not to the folder's name: a renamed copy keeps them ...
+    moved = tmp_path / "renamed-model"
+    shutil.copytree(folder, moved)
+    capsys.readouterr()
+    assert main(["--threads", "1", "trace", "--model", str(moved), "--dicts", str(dicts), "--prompt", PROMPT,
+                 "--answer", " Mary", "--contrast", " John", "--describe-seqs", "0", "--out", str(tmp_path / "g2"),
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["n_nodes"], again["metric_value"]) == (summary["n_nodes"], summary["metric_value"])
+    # ... and other weights under the same folder name do not adopt them
+    impostor = tmp_path / "elsewhere" / folder.name
+    shutil.copytree(folder, impostor)
+    torch.manual_seed(1)
+    tr.GPT2LMHeadModel(hf_model.config).save_pretrained(impostor)
+    assert main(["--threads", "1", "trace", "--model", str(impostor), "--dicts", str(dicts), "--prompt", PROMPT,
+                 "--describe-seqs", "0", "--out", str(tmp_path / "g3")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on model" in err and folder.name in err
+
+
+def test_model_identity_rules() -> None:
+    from dictionaries.model_identity import same_model, weights_fingerprint
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    assert weights_fingerprint(a) == weights_fingerprint(a) != weights_fingerprint(b)
+    fa, fb = weights_fingerprint(a), weights_fingerprint(b)
+    assert same_model(f"x#{fa}", f"renamed#{fa}")  # a renamed folder
+    assert not same_model(f"x#{fa}", f"x#{fb}")  # other weights, same name
+    assert same_model("x", f"x#{fa}") and not same_model("y", f"x#{fa}")  # dictionaries saved without a fingerprint

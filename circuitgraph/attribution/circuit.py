@@ -9,7 +9,6 @@ used to select it); both evaluations are kept, the held-out one is the headline.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, NamedTuple
@@ -81,8 +80,9 @@ class CircuitConfig:
             raise ValueError(f"method must be attribution, ig or acdc, got {self.method!r}")
         if self.target_faithfulness and self.method == "acdc":
             raise ValueError("target_faithfulness applies to attribution and ig; ACDC sets its size with tau")
-        if not math.isfinite(self.target_faithfulness) or self.target_faithfulness < 0:
-            raise ValueError(f"target_faithfulness must be a finite number >= 0, got {self.target_faithfulness}")
+        if not 0 <= self.target_faithfulness <= 1:  # NaN fails this too
+            raise ValueError(f"target_faithfulness is a fraction of the full model's metric: use a value in (0, 1] "
+                             f"(0: no target, the top max_nodes nodes), got {self.target_faithfulness}")
         if self.target_kind not in ("faithfulness", "faithfulness_features_only"):
             raise ValueError(f"target_kind must be faithfulness or faithfulness_features_only, got {self.target_kind!r}")
         if self.positions not in ("aggregate", "from_end"):

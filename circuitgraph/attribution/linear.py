@@ -104,6 +104,9 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
     layout, the outputs, the visit through the frozen backward, the biases and the graph."""
     cfg = config or LinearAttributionConfig()
     start = time.perf_counter()
+    if metric is None and cfg.max_logits == 0:
+        raise CircuitGraphError("max_logits is 0 and no answer was given: the graph would explain nothing; use "
+                                "--max-logits 1 or more, or --answer TOKEN")
     tokens = _check_prompt(rm, tokens)
     device = resolve_device(cfg.device, rm)
     with on_device(rm, device):

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--sites", default=None,
                       help="site kinds to splice, e.g. attn_z,clt (default: every site of --dicts; one per output hook)")
     what.add_argument("--layers", default="all", help="layers to splice: all, 0,2 or 1-3")
-    what.add_argument("--task", default="ioi", help="built-in task whose prompt dataset is traced")
+    what.add_argument("--task", default=None, help="built-in task whose prompt dataset is traced (default: ioi)")
     what.add_argument("--dataset", default=None, metavar="FILE",
                       help="trace your own prompts instead of --task: a .jsonl / .json / .csv file with prompt (or "
                            "prompt_ids), answer (or answer_ids, or targets at several positions), optional wrong and "
@@ -57,15 +57,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="what dataset circuits explain (default: the task's own; logit_diff for --dataset): answer "
                            "minus wrong logit, log-probability of the answers, probability difference, or KL divergence "
                            "from the clean output distribution. --prompt: logit_diff only (with --answer/--contrast)")
-    what.add_argument("--padding-side", default="right", choices=["right", "left"],
-                      help="where prompts of different lengths are padded (masked either way; results agree)")
-    what.add_argument("--n", type=int, default=64, help="--task: selection prompts")
-    what.add_argument("--seed", type=int, default=0, help="--task: seed of the selection prompts")
+    what.add_argument("--padding-side", default=None, choices=["right", "left"],
+                      help="where prompts of different lengths are padded (masked either way; results agree; "
+                           "default: right)")
+    what.add_argument("--n", type=int, default=None, help="--task: selection prompts (default: 64)")
+    what.add_argument("--seed", type=int, default=None, help="--task: seed of the selection prompts (default: 0)")
     what.add_argument("--eval-n", type=int, default=None,
                       help="held-out prompts the circuit is evaluated on (disjoint from the selection prompts; "
                            "0: evaluate on the selection prompts only; default 64, or half the rows of --dataset, "
                            "at most 64)")
-    what.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out prompts (or of the row shuffle)")
+    what.add_argument("--eval-seed", type=int, default=None,
+                      help="seed of the held-out prompts (or of the row shuffle; default: 1)")
     what.add_argument("--prompt", default=None, help="trace this one prompt with direct linear attribution instead of a dataset")
     what.add_argument("--answer", default=None,
                       help="--prompt: explain this next token's logit (one token, e.g. ' Mary') instead of the likeliest ones")
@@ -76,23 +78,85 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     circuit = p.add_argument_group("dataset circuits (CircuitConfig)")
     shared = add_dataclass_flags(circuit, CircuitConfig, skip=("progress",), aliases={"acdc_tau": ["--tau"]})
-    circuit.add_argument("--plain-acdc", action="store_true",
+    circuit.add_argument("--plain-acdc", action="store_true", default=None,
                          help="plain ACDC: every candidate tested alone (sets --acdc-skip-fraction 0, --acdc-keep-factor "
                               "inf, --acdc-group-size 1)")
     comp = p.add_argument_group("component circuits (ComponentCircuitConfig; the shared settings above apply too)")
-    add_dataclass_flags(comp, ComponentCircuitConfig, skip=(*shared, "progress"))
+    comp_only = add_dataclass_flags(comp, ComponentCircuitConfig, skip=(*shared, "progress"))
     prompt = p.add_argument_group("prompt graphs (LinearAttributionConfig) and their pruning")
-    add_dataclass_flags(prompt, LinearAttributionConfig, skip=("progress",), rename=PROMPT_RENAME)
-    prompt.add_argument("--node-threshold", type=float, default=_prune_default("node_threshold"),
-                        help="cumulative influence kept when pruning (default: %(default)s)")
-    prompt.add_argument("--edge-threshold", type=float, default=_prune_default("edge_threshold"),
-                        help="cumulative edge influence kept when pruning (default: %(default)s)")
+    prompt_flags = add_dataclass_flags(prompt, LinearAttributionConfig, skip=("progress",), rename=PROMPT_RENAME)
+    prompt.add_argument("--node-threshold", type=float, default=None,
+                        help=f"cumulative influence kept when pruning (default: {_prune_default('node_threshold')})")
+    prompt.add_argument("--edge-threshold", type=float, default=None,
+                        help=f"cumulative edge influence kept when pruning (default: {_prune_default('edge_threshold')})")
     out = p.add_argument_group("output")
     out.add_argument("--describe-seqs", type=int, default=128,
                      help="corpus sequences used to describe the graph's features (features.json, node labels); 0: skip")
     out.add_argument("--out", required=True, help="graph folder to write")
     out.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=run_trace)
+    p.set_defaults(func=run_trace, _flag_groups={
+        "task": ["task", "n", "seed"],
+        "dataset": ["eval_n", "eval_seed", "padding_side", "plain_acdc", *shared, *comp_only],
+        "features": [n for n in shared if n not in flat_names(ComponentCircuitConfig)],
+        "components": list(comp_only),
+        "prompt": ["node_threshold", "edge_threshold", *(PROMPT_RENAME.get(n, n) for n in prompt_flags)],
+    })
+
+
+def flat_names(cls: type) -> list[str]:
+    """A config's flat field names (its flags' names)."""
+    from dictionaries.config import flat_fields
+
+    return list(flat_fields(cls))
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    """The flags among ``names`` the user set (unset flags are ``None``), spelled as flags."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen mode would silently ignore, naming them and what they belong to."""
+    groups = args._flag_groups
+    if args.prompt is not None and args.max_feature_nodes is not None:
+        raise CircuitGraphError("--max-feature-nodes caps dataset circuits; a --prompt graph's budget is "
+                                "--prompt-max-feature-nodes (features visited)")
+    if args.prompt is None and args.prompt_max_feature_nodes is not None:
+        raise CircuitGraphError("--prompt-max-feature-nodes is the budget of a --prompt graph; a dataset circuit's "
+                                "sizes are --max-nodes and --max-feature-nodes")
+    if args.prompt is not None:
+        mode = "--prompt (one prompt graph)"
+        unused = {"a --task dataset": "task", "dataset circuits": "dataset"}
+    elif args.dataset is not None:
+        mode = f"--dataset {args.dataset}"
+        unused = {"a built-in --task's prompts": "task", "--prompt graphs": "prompt"}
+    else:
+        mode = f"--task {args.task or 'ioi'}"
+        unused = {"--prompt graphs": "prompt"}
+    for owner, group in unused.items():
+        given = _given(args, groups[group])
+        if given:
+            one = len(given) == 1
+            raise CircuitGraphError(f"{', '.join(given)} {'is' if one else 'are'} for {owner}, which {mode} does not "
+                                    f"use; drop {'it' if one else 'them'}")
+    if args.prompt is None:
+        other = "components" if args.granularity == "features" else "features"
+        given = _given(args, groups[other])
+        if given:
+            one = len(given) == 1
+            raise CircuitGraphError(f"{', '.join(given)} {'is' if one else 'are'} for --granularity {other}, but "
+                                    f"--granularity is {args.granularity}; drop {'it' if one else 'them'} or use "
+                                    f"--granularity {other}")
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Defaults of the flags left unset so that :func:`_refuse_unused` could tell given from default."""
+    defaults = {"task": "ioi", "n": 64, "seed": 0, "eval_seed": 1, "padding_side": "right",
+                "node_threshold": _prune_default("node_threshold"), "edge_threshold": _prune_default("edge_threshold"),
+                "plain_acdc": False}
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def _load(args: argparse.Namespace):
@@ -116,6 +180,10 @@ def _check_args(args: argparse.Namespace) -> None:
     from circuitgraph.graph.storage import check_distinct, check_graph_target
 
     check_graph_target(args.out)  # a bad --out must not cost a whole trace
+    if args.prompt is not None and args.dataset is not None:
+        raise CircuitGraphError("--prompt traces one prompt and --dataset a file of prompts; give one of them")
+    _refuse_unused(args)
+    _resolve_defaults(args)
     for flag in ("node_threshold", "edge_threshold"):
         value = getattr(args, flag)
         if not 0 < value <= 1:  # NaN fails this too
@@ -130,8 +198,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CircuitGraphError("--answer / --contrast choose what a --prompt graph explains; a --task dataset uses "
                                     "its own answers")
         return
-    if args.dataset is not None:
-        raise CircuitGraphError("--prompt traces one prompt and --dataset a file of prompts; give one of them")
     if args.contrast is not None and args.answer is None:
         raise CircuitGraphError("--contrast needs --answer (the token whose logit it is subtracted from)")
     if args.metric not in (None, "logit_diff"):
@@ -140,9 +206,6 @@ def _check_args(args: argparse.Namespace) -> None:
                                 f"trace a --dataset with --metric {args.metric}")
     if args.metric == "logit_diff" and (args.answer is None or args.contrast is None):
         raise CircuitGraphError("--prompt with --metric logit_diff needs --answer and --contrast (the two tokens)")
-    if args.max_feature_nodes is not None:
-        raise CircuitGraphError("--max-feature-nodes caps dataset circuits; a --prompt graph's budget is "
-                                "--prompt-max-feature-nodes (features visited)")
 
 
 def _config(cls: type, args: argparse.Namespace, **overrides):
@@ -234,6 +297,10 @@ def _datasets(args: argparse.Namespace, model):
         print(f"{args.dataset} has no corrupted prompts: nodes outside the circuit are mean-ablated "
               "(--ablation mean)", file=sys.stderr)
     eval_n = min(64, len(ds) // 2) if args.eval_n is None else args.eval_n
+    if eval_n == 0:
+        why = "--eval-n 0" if args.eval_n == 0 else f"{args.dataset} has {len(ds)} row: too few to hold one out"
+        print(f"{why}: the circuit is evaluated on the prompts it was selected on (its faithfulness is then "
+              "optimistic; add rows for a held-out evaluation)", file=sys.stderr)
     return data.split(eval_n, args.eval_seed)
 
 
@@ -262,7 +329,9 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
     graph.save(args.out, children={"full": full})
     return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
             "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
-            "full_nodes": full.n_nodes, "full_edges": full.n_edges, "forward_passes": passes,
+            "full_nodes": full.n_nodes, "full_edges": full.n_edges,
+            "visited_features": full.metadata["n_visited_features"], "active_features": full.metadata["n_active_features"],
+            "forward_passes": passes,
             "seconds": full.metadata["seconds"], "method": "linear", "out": args.out, **_metric_summary(full, args)}
 
 

@@ -32,6 +32,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 
 from circuitgraph.errors import ModelLoadError
 from circuitgraph.models.tokenizer_files import TOKENIZER_FILE, load_tokenizer
+from dictionaries.model_identity import with_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _tl_config(folder: Path, arch: str, hf_model: torch.nn.Module) -> HookedTran
             raise ModelLoadError(f"TransformerLens could not map the {arch} config of {folder} "
                                  f"({type(err).__name__}: {err})") from err
     cfg.tokenizer_name = None  # the tokenizer comes from the folder, never from the hub
-    cfg.model_name = folder.resolve().name
+    cfg.model_name = folder.resolve().name  # load_hf_folder appends the weights' fingerprint
     return cfg
 
 
@@ -185,6 +186,7 @@ def load_hf_folder(folder: str | Path, device: str = "cpu") -> HookedTransformer
         raise ModelLoadError(f"TransformerLens's {arch} weights do not fit its config for {folder} ({detail}); "
                              f"this variant of {arch} is not supported") from err
     model.eval()
+    model.cfg.model_name = with_fingerprint(cfg.model_name, model)  # renaming the folder keeps its dictionaries
     diff = _verify(model, hf_model, folder)
     log.info("loaded %s (%s, %d layers) via TransformerLens; logits match transformers to %.2g", folder, arch,
              cfg.n_layers, diff)

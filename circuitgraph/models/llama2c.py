@@ -32,6 +32,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from circuitgraph.errors import ModelLoadError
+from dictionaries.model_identity import with_fingerprint
 
 _HEADER = struct.Struct("<7i")
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -207,6 +208,7 @@ def load_llama2c(model_path: str | Path, tokenizer_path: str | Path | None = Non
     for name, param in model.named_parameters():  # biases TransformerLens creates are zero in Llama
         if name.split(".")[-1].lstrip("_").startswith("b_"):
             torch.nn.init.zeros_(param)
+    model.cfg.model_name = with_fingerprint(cfg.model_name, model)  # renaming the file keeps its dictionaries
     if str(device) != "cpu":
         model.to(device)
     model.eval()

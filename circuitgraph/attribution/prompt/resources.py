@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from circuitgraph.errors import CircuitGraphError
 from circuitgraph.replacement.model import ReplacementModel
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,19 @@ def resolve_device(name: str, rm: ReplacementModel) -> torch.device:
     """``auto``: ``cuda`` when available, else where the model is; otherwise the named device."""
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else rm.model.W_E.device
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CircuitGraphError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CircuitGraphError(f"device {name!r} asked for, but this torch sees no CUDA GPU "
+                                    f"(torch {torch.__version__}); use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise CircuitGraphError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                    f"cuda:{count - 1}")
+    return device
 
 
 @contextmanager

@@ -151,13 +151,14 @@ def _config(cls: type, settings: dict[str, Any], what: str, config: Any = None) 
 
 def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     """``[1, P]`` tokens of one prompt (BOS first), with unknown words and tokenizer-less models refused."""
-    from circuitgraph.tasks.dataset import check_in_vocabulary
+    from circuitgraph.tasks.dataset import check_in_vocabulary, encode
 
     if model.tokenizer is None:
         raise CircuitGraphError("this model has no tokenizer, so a text prompt cannot be tokenised; put a "
                                 "tokenizer.json beside its weights or pass token ids (a [1, P] tensor) instead")
-    check_in_vocabulary(model, prompt, "the prompt")
-    return model.to_tokens(prompt, truncate=False)
+    tokens = encode(model, prompt, "the prompt")
+    check_in_vocabulary(model, prompt, "the prompt", tokens)
+    return torch.tensor([tokens])
 
 
 def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, SparseDictionary] | str | None,

@@ -184,6 +184,13 @@ def _weights(cfg: SaeLensConfig, w: dict[str, torch.Tensor], source: str) -> For
     if tuple(w["W_enc"].shape) != (cfg.d_in, cfg.d_sae) or tuple(w["W_dec"].shape) != (cfg.d_sae, cfg.d_out):
         raise DictionaryError(f"{source}: W_enc/W_dec shapes {tuple(w['W_enc'].shape)}/{tuple(w['W_dec'].shape)} "
                               f"do not match d_in={cfg.d_in}, d_sae={cfg.d_sae}, d_out={cfg.d_out}")
+    expected = {"b_dec": (cfg.d_out,), "W_skip": (cfg.d_out, cfg.d_in)}
+    expected.update({n: (cfg.d_sae,) for n in ("b_enc", "b_gate", "threshold", "r_mag", "b_mag")})
+    for name in sorted(names & set(expected)):
+        if tuple(w[name].shape) != expected[name]:
+            raise DictionaryError(f"{source}: tensor {name} has shape {tuple(w[name].shape)}, but d_in={cfg.d_in}, "
+                                  f"d_sae={cfg.d_sae}, d_out={cfg.d_out} make it {expected[name]}; the file is "
+                                  "damaged or its config belongs to another SAE")
     W_enc, W_dec = w["W_enc"], w["W_dec"]
     b_enc = w["b_gate" if gated else "b_enc"]
     shift = w["b_dec"] @ W_enc if cfg.apply_b_dec_to_input and cfg.architecture in _AUTOENCODERS else 0.0

@@ -133,11 +133,15 @@ class Site:
         the same hook: an autoencoder). Inverse of :attr:`input_hook` / :attr:`output_hook`, for
         dictionaries other libraries saved with hook names. ``clt`` is never returned: one layer of a
         cross-layer transcoder writes several hooks, which no single ``out_hook`` names.
+        ``blocks.L.mlp.hook_in`` is read as ``blocks.L.ln2.hook_normalized`` (the same activation).
 
         Raises:
             ValueError: the hooks are not a site, naming the hooks sites read.
         """
         out_hook = out_hook or hook_name
+        # the MLP's input after ln2 under the name circuit-tracer's hooks (and TransformerLens 3's
+        # TransformerBridge) give it: the same activation as ln2.hook_normalized
+        hook_name = re.sub(r"^blocks\.(\d+)\.mlp\.hook_in$", r"blocks.\1.ln2.hook_normalized", hook_name)
         for kind, template in _INPUT_HOOK.items():
             if kind == "clt":
                 continue

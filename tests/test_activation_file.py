@@ -162,3 +162,24 @@ def test_flags_that_need_a_model_refused(tmp_path, capsys, flags, match):
 def test_site_without_activations_refused(tmp_path, capsys):
     assert main(["train-dictionaries", "--site", "L0.resid_post", "--out", str(tmp_path / "o")]) == 2
     assert "--site names the site of an --activations file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--activations", "ACTS", "--model", "default"], "without a model or text (its site: --site); drop --model"),
+    (["--activations", "ACTS", "--sites", "resid_post", "--layers", "1"], "drop --sites, --layers"),
+    (["--activations", "ACTS", "--seq-len", "64"], "drop --seq-len"),
+    (["--tokens-file", "TOKENS", "--seq-len", "64"], "--tokens-file gives the token sequences (and their length); "
+                                                     "drop --seq-len"),
+    (["--tokens-file", "LONG"], "holds sequences of 300 tokens; the model's context is 128"),
+    (["--text", "TEXT", "--corpus-mix", "task-rich"], "--corpus-mix chooses the toy corpus"),
+])
+def test_train_flags_a_mode_ignores_are_refused(tmp_path, capsys, extra, match):
+    files = {"ACTS": _write(tmp_path / "a.safetensors", {"activations": torch.randn(64, 8)}, site="L0.resid_post"),
+             "TOKENS": _write(tmp_path / "t.safetensors", {"tokens": torch.randint(1, 800, (8, 32))}),
+             "LONG": _write(tmp_path / "l.safetensors", {"tokens": torch.randint(1, 800, (8, 300))}),
+             "TEXT": tmp_path / "t.txt"}
+    files["TEXT"].write_text("When Mary and John went to the park. " * 50)
+    argv = ["train-dictionaries", *[str(files.get(a, a)) for a in extra], "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

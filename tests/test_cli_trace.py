@@ -284,5 +284,5 @@ def test_out_of_vocabulary_prompt_refused(tmp_path, capsys):
 
     inst = TaskInstance("When Mary and John went to the park, John gave a book to", (" Mary",), (" John",),
                         "When Mary and Blorp went to the park, John gave a book to", " Mary.")
-    with pytest.raises(TaskError, match="corrupted prompt 0 has words outside the model's vocabulary: 'Blorp'"):
+    with pytest.raises(TaskError, match="corrupted prompt 0 has text outside the model's vocabulary: 'Blorp'"):
         build_dataset("mine", [inst], load_default(), "logit_diff")

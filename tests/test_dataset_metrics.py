@@ -148,6 +148,11 @@ def test_token_id_rows_equal_text_rows_and_csv(default_model, rows, tmp_path):
     ({"prompt_ids": [0, 5], "targets": [{"position": "1", "answer_ids": 3}]}, "row 2 target 1: 'position' must be"),
     ({"prompt_ids": [0, 5], "targets": [{"position": 1}]}, "row 2 target 1: no 'answer'"),
     ({"prompt_ids": [0, 5], "answer_ids": 3, "corrupted_prompt_ids": [0, 5, 6]}, "row 2 has 2 tokens but its corrupted"),
+    ({"prompt_ids": [0, 5], "answer_ids": [3, 4], "wrong_ids": [4]}, "is both an answer and a wrong answer"),
+    ({"prompt_ids": [0, 5], "targets": [{"position": 1, "answer_ids": 3, "wrong_ids": 3}]},
+     "row 2 target 1: '"),
+    ({"prompt_ids": [0, 5], "targets": "x"}, "'targets' must be a non-empty list of objects like [{"),
+    ({"prompt_ids": [0, 5], "targets": {"position": 1}}, "got dict {'position': 1}"),
 ])
 def test_bad_token_id_rows_named(default_model, row, message):
     good = {"prompt_ids": [0, 5, 7], "answer_ids": 3}
@@ -256,6 +261,19 @@ def test_callable_metric_reaches_every_runner(rm, default_model):
         trace_dataset(rm, ds, CircuitConfig(max_nodes=5, progress=False), metric=lambda logits, batch: logits.sum())
     with pytest.raises(TaskError, match="unknown metric 'kld'"):
         ds.with_metric("kld")
+
+    def top_is_answer(logits, batch):  # argmax: no gradient
+        at = logits[torch.arange(len(batch)), batch.answer_pos]
+        return (at.argmax(-1) == batch.answer_ids[:, 0]).float()
+
+    with pytest.raises(TaskError, match="does not depend differentiably on the logits"):
+        trace_dataset(rm, ds, CircuitConfig(max_nodes=5, progress=False), metric=top_is_answer)
+
+    def log_of_negative(logits, batch):  # NaN for every prompt
+        return (answer_margin(logits, batch) - 1e9).log()
+
+    with pytest.raises(TaskError, match="returned NaN or infinite values for 6 of 6 prompts"):
+        trace_dataset(rm, ds, CircuitConfig(max_nodes=5, progress=False), metric=log_of_negative)
 
 
 def _cli_json(capsys, argv) -> dict:

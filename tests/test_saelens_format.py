@@ -253,3 +253,28 @@ def test_cli_export_to_saelens_reads_back(tmp_path, capsys) -> None:
     assert main(["dicts", "export", "--dicts", str(V1_DICTS_DIR), "--to", "saelens", "--out", str(tmp_path / "v1")]) == 2
     assert "L0.transcoder: SAELens has no topk transcoder" in capsys.readouterr().err
     assert not (tmp_path / "v1").exists() or not any((tmp_path / "v1").iterdir())  # nothing half-written
+
+
+def test_transcoder_reading_mlp_hook_in_is_the_ln2_transcoder(tmp_path) -> None:
+    """circuit-tracer's (and TransformerBridge's) name for the MLP's normalised input reads as ln2.hook_normalized."""
+    original = load_dictionaries(SAELENS / "transcoder")
+    (site,) = original
+    folder = _edit_cfg(SAELENS / "transcoder", tmp_path / "x", hook_name=f"blocks.{site.layer}.mlp.hook_in")
+    renamed = load_dictionaries(folder)
+    assert list(renamed) == [site] and site.kind == "transcoder"
+    x = torch.randn(5, original[site].cfg.d_in, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(renamed[site](x).output, original[site](x).output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fixture", ["standard", "gated", "jumprelu", "skip_transcoder"])
+def test_saelens_tensor_of_the_wrong_shape_is_named(fixture, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    src = load_file(str(SAELENS / fixture / "sae_weights.safetensors"))
+    for name in sorted(src):
+        if name in ("W_enc", "W_dec"):
+            continue
+        folder = _edit_cfg(SAELENS / fixture, tmp_path / name)
+        save_file({**src, name: src[name][..., :-1].contiguous()}, str(folder / "sae_weights.safetensors"))
+        with pytest.raises(DictionaryError, match=f"tensor {name} has shape"):
+            load_dictionaries(folder)

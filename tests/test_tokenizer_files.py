@@ -153,3 +153,31 @@ def test_tokenizer_less_model_works_on_token_ids(bare_folder, default_model, def
         for ours, theirs in zip(card.contexts, named[key].contexts, strict=True):
             assert ours.activations == theirs.activations and all(t.isdigit() for t in ours.tokens)
             assert [default_model.tokenizer.decode([int(t)]) for t in ours.tokens] == theirs.tokens
+
+
+def test_a_tokenizer_that_raises_on_unknown_words_gives_a_clear_error(tmp_path) -> None:
+    """A word-level vocabulary without an unknown token raises inside ``tokenizers``; the prompt, a
+    dataset row and an answer each get a one-line error naming them instead."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from circuitgraph.api import prompt_tokens
+    from circuitgraph.errors import TaskError
+    from circuitgraph.tasks.dataset import single_token_id
+    from circuitgraph.tasks.files import dataset_from_rows
+
+    vocab = {w: i for i, w in enumerate(["<s>", "the", "cat", "sat", "mat", "on"])}
+    raw = Tokenizer(models.WordLevel(vocab))  # no unk_token: unknown words raise
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, d_vocab=len(vocab))
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=16, d_head=4, d_vocab=len(vocab), attn_only=True,
+                                  act_fn="relu", default_prepend_bos=True)
+    model = HookedTransformer(cfg, tokenizer=tok)
+    assert prompt_tokens(model, "the cat sat on the").tolist() == [[0, 1, 2, 3, 5, 1]]
+    with pytest.raises(TaskError, match="could not encode the prompt"):
+        prompt_tokens(model, "the dog sat")
+    with pytest.raises(TaskError, match="could not encode records row 1: 'prompt'"):
+        dataset_from_rows([{"prompt": "the dog sat on the", "answer": "mat"}], model)
+    with pytest.raises(TaskError, match="could not encode answer 'dog'"):
+        single_token_id(model, "dog")

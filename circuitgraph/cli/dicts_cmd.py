@@ -31,10 +31,12 @@ EVAL_SEED = 12345  # documents of the toy corpus no training run reads first
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-dictionaries", help="train sparse dictionaries at many sites from one model pass")
-    p.add_argument("--model", default="default", help="'default', a model folder, a llama2.c .bin, or a TransformerLens name")
-    p.add_argument("--sites", default="resid_post,mlp_out,attn_z,transcoder",
-                   help="comma-separated site kinds: resid_pre, resid_mid, resid_post, mlp_out, attn_z, mlp_post, transcoder")
-    p.add_argument("--layers", default="all", help="'all', '0,2' or '1-3'")
+    p.add_argument("--model", default=None,
+                   help="'default', a model folder, a llama2.c .bin, or a TransformerLens name (default: default)")
+    p.add_argument("--sites", default=None,
+                   help="comma-separated site kinds: resid_pre, resid_mid, resid_post, mlp_out, attn_z, mlp_post, "
+                        f"transcoder (default: {TRAIN_DEFAULTS['sites']})")
+    p.add_argument("--layers", default=None, help="'all', '0,2' or '1-3' (default: all)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--text", default=None, help="train on this UTF-8 text file instead of the default corpus")
     p.add_argument("--tokens-file", default=None, help="train on a safetensors file holding tokens [n_seq, seq_len]")
@@ -43,9 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-split", default="train", help="split of --hf-dataset")
     p.add_argument("--hf-column", default="text", help="text column of --hf-dataset")
     p.add_argument("--hf-sequences", type=int, default=20_000, help="sequences taken from the start of --hf-dataset")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length for --text, --hf-dataset and the toy corpus")
-    p.add_argument("--corpus-mix", choices=("default", "task-rich"), default="default",
-                   help="toy corpus only: the default mixture, or task sentences only with more repeated spans")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for --text, --hf-dataset and the toy corpus (default: 128; a --tokens-file "
+                        "has its own)")
+    p.add_argument("--corpus-mix", choices=("default", "task-rich"), default=None,
+                   help="toy corpus only: the default mixture, or task sentences only with more repeated spans "
+                        "(default: default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--activations", default=None,
                    help="train one dictionary on this safetensors file instead of a model's activations: 'activations' "
@@ -133,14 +138,37 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
     return ToyCorpus(CorpusConfig(seed=seed, seq_len=args.seq_len))
 
 
+TRAIN_DEFAULTS = {"model": "default", "sites": "resid_post,mlp_out,attn_z,transcoder", "layers": "all", "seq_len": 128,
+                  "corpus_mix": "default"}
+"""train-dictionaries flags whose unset value is ``None`` (so that flags a mode ignores can be refused)."""
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from circuitgraph.graph.storage import check_writable
 
     check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
     if args.activations or args.site:
         return _train_from_file(args)
+    if args.tokens_file:
+        ignored = _given(args, ("seq_len", "corpus_mix", "text", "hf_dataset"))
+        if ignored:
+            raise DictionaryError(f"--tokens-file gives the token sequences (and their length); drop {', '.join(ignored)}")
+    elif args.corpus_mix is not None and (args.text or args.hf_dataset):
+        raise DictionaryError("--corpus-mix chooses the toy corpus; --text / --hf-dataset replace it: drop --corpus-mix")
+    for name, value in TRAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     model = resolve_model(args.model, device=args.device)
-    if not 2 <= args.seq_len <= model.cfg.n_ctx:
+    if args.tokens_file:
+        length = _tokens_file_length(args.tokens_file)
+        if not 2 <= length <= model.cfg.n_ctx:
+            raise DictionaryError(f"{args.tokens_file} holds sequences of {length} tokens; the model's context is "
+                                  f"{model.cfg.n_ctx} (use 2 to {model.cfg.n_ctx})")
+    elif not 2 <= args.seq_len <= model.cfg.n_ctx:
         raise DictionaryError(f"--seq-len {args.seq_len}: use 2 to {model.cfg.n_ctx} (the model's context)")
     try:
         sites = expand_sites(args.sites, args.layers, model.cfg.n_layers)
@@ -159,16 +187,27 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens_file_length(path: str) -> int:
+    """The sequence length of a --tokens-file (its ``tokens`` tensor's second dimension)."""
+    try:
+        tokens = tensor_file_tokens(path).tokens
+    except ValueError as err:
+        raise DictionaryError(str(err)) from err
+    if tokens.dim() != 2:
+        raise DictionaryError(f"{path}: 'tokens' must be [n_seq, seq_len], got shape {tuple(tokens.shape)}")
+    return int(tokens.shape[1])
+
+
 def _train_from_file(args: argparse.Namespace) -> int:
     """train-dictionaries --activations FILE: one dictionary, no model."""
     from dictionaries.activation_file import read_activation_file, train_on_activations
 
     if not args.activations:
         raise DictionaryError("--site names the site of an --activations file; a model run takes --sites and --layers")
-    clash = [flag for flag, given in (("--model", args.model != "default"), ("--text", args.text),
-                                      ("--tokens-file", args.tokens_file), ("--hf-dataset", args.hf_dataset)) if given]
+    clash = _given(args, ("model", "sites", "layers", "text", "tokens_file", "hf_dataset", "seq_len", "corpus_mix"))
     if clash:
-        raise DictionaryError(f"--activations trains on the file alone, without a model or text; drop {', '.join(clash)}")
+        raise DictionaryError(f"--activations trains on the file alone, without a model or text (its site: --site); "
+                              f"drop {', '.join(clash)}")
     try:
         cfg = dataclass_from_flags(TrainConfig, args)
     except ValueError as err:

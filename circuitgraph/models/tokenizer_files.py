@@ -10,7 +10,7 @@ in this order, from
    model (UNK), and added special tokens with the usual names (``<|endoftext|>``, ``<s>``,
    ``</s>``, ``<unk>``, ``<pad>``, ...);
 3. fallbacks, each logged: BOS is the EOS (GPT-2's convention, which TransformerLens follows);
-   padding uses PAD, else EOS, else UNK; a tokenizer with neither BOS nor EOS gets its padding
+   padding uses PAD, else EOS, else UNK, else BOS; a tokenizer with neither BOS nor EOS gets its padding
    token (else id 0) as BOS and EOS, so every sequence starts with the same existing token.
 
 A token named in a config but absent from the vocabulary is ignored (with a warning), never added.
@@ -112,8 +112,8 @@ def special_tokens(tok: Tokenizer, folder: Path | None = None) -> SpecialTokens:
     if roles["bos"] is None and roles["eos"] is not None:
         log.info("the tokenizer has no BOS token; its EOS %r starts each prompt (GPT-2's convention)", roles["eos"])
         roles["bos"] = roles["eos"]
-    if roles["pad"] is None:
-        roles["pad"] = roles["eos"] or roles["unk"]
+    if roles["pad"] is None:  # masked out wherever it pads; without one TransformerLens adds a token
+        roles["pad"] = roles["eos"] or roles["unk"] or roles["bos"]
     if roles["bos"] is None:
         start = roles["pad"] or tok.id_to_token(0)
         log.warning("the tokenizer declares no BOS or EOS token; %r (id %d) starts each prompt and each training "

@@ -150,7 +150,7 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     """The id of ``text`` if it is exactly one token, else a :class:`TaskError` naming it."""
     if model.tokenizer is None:
         raise TaskError(f"answer {text!r} needs a tokenizer; this model has none")
-    ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+    ids = torch.tensor(encode(model, text, f"answer {text!r}", prepend_bos=False))
     if ids.numel() != 1:
         pieces = [model.tokenizer.decode([int(i)]) for i in ids]
         raise TaskError(
@@ -164,6 +164,26 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     return int(ids[0])
 
 
+def encode(model: HookedTransformer, text: str, what: str, prepend_bos: bool = True) -> list[int]:
+    """``text``'s token ids (BOS first when ``prepend_bos``); a tokenizer that raises (a word-level
+    vocabulary without an unknown token, a character it cannot encode) gives a :class:`TaskError`
+    naming ``what`` instead of its own traceback."""
+    try:
+        return model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].tolist()
+    except Exception as err:  # tokenizers raise their own exception types
+        raise TaskError(f"the tokenizer could not encode {what} ({type(err).__name__}: {err}); it may not cover "
+                        "these words or characters: rephrase, or give token ids (prompt_ids / answer_ids rows)") from err
+
+
+def _unknown_spans(model: HookedTransformer, text: str, unk: int) -> list[str]:
+    """The pieces of ``text`` a fast tokenizer maps to ``unk`` (by its offsets); [] when it cannot say."""
+    try:
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if i == unk]
+    except Exception:  # slow tokenizers have no offsets
+        return []
+
+
 def check_in_vocabulary(model: HookedTransformer, text: str, what: str, ids: Sequence[int] | None = None) -> None:
     """A :class:`TaskError` naming the words of ``text`` the tokenizer maps to its unknown token
     (they would be silently replaced); tokenizers without an unknown token pass everything.
@@ -171,14 +191,16 @@ def check_in_vocabulary(model: HookedTransformer, text: str, what: str, ids: Seq
     tok = model.tokenizer
     unk = getattr(tok, "unk_token_id", None) if tok is not None else None
     if ids is None and unk is not None:
-        ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0].tolist()
+        ids = encode(model, text, what, prepend_bos=False)
     if unk is None or unk not in ids:
         return
     words = [w for w in dict.fromkeys(text.split()) if w != tok.unk_token
-             and unk in model.to_tokens(" " + w, prepend_bos=False, truncate=False)[0].tolist()]
+             and unk in encode(model, " " + w, what, prepend_bos=False)]
+    if not words:  # the unknown piece is not a whole word: whitespace, a character inside a word
+        words = list(dict.fromkeys(_unknown_spans(model, text, unk)))
     shown = ", ".join(repr(w) for w in words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
-    raise TaskError(f"{what} has words outside the model's vocabulary: {shown or repr(text)}; they would become "
-                    f"{tok.unk_token!r}. Rephrase with known words or use a model whose tokenizer covers them")
+    raise TaskError(f"{what} has text outside the model's vocabulary: {shown or 'a piece it cannot name'}; it would "
+                    f"become {tok.unk_token!r}. Rephrase with known words or use a model whose tokenizer covers them")
 
 
 class RowTarget(NamedTuple):
@@ -318,8 +340,8 @@ def build_dataset(name: str, instances: Sequence[TaskInstance], model: HookedTra
         where = f"task {name!r}: prompt {i}"
         if not inst.prompt.strip():
             raise TaskError(f"{where} is empty; every prompt needs at least one token")
-        clean = model.to_tokens(inst.prompt, truncate=False)[0].tolist()
-        corrupt = model.to_tokens(inst.corrupted_prompt, truncate=False)[0].tolist()
+        clean = encode(model, inst.prompt, where)
+        corrupt = encode(model, inst.corrupted_prompt, f"task {name!r}: corrupted prompt {i}")
         check_in_vocabulary(model, inst.prompt, where, clean)
         check_in_vocabulary(model, inst.corrupted_prompt, f"task {name!r}: corrupted prompt {i}", corrupt)
         target = RowTarget(-1, tuple(tid(a) for a in inst.answers), tuple(tid(w) for w in inst.wrongs))

@@ -35,6 +35,7 @@ from circuitgraph.tasks.dataset import (
     build_from_rows,
     check_in_vocabulary,
     check_token_ids,
+    encode,
     single_token_id,
 )
 
@@ -158,27 +159,29 @@ def _prompt(row: dict, name: str, where: str, model: HookedTransformer) -> tuple
     if model.tokenizer is None:
         raise TaskError(f"{where}: {name!r} is text, but this model has no tokenizer; give {name + '_ids'!r} "
                         "(token ids) instead")
-    tokens = model.to_tokens(text, truncate=False)[0].tolist()
+    tokens = encode(model, text, f"{where}: {name!r}")
     check_in_vocabulary(model, text, f"{where}: {name!r}", tokens)
     return text, tokens
 
 
 def _targets(row: dict, where: str, model: HookedTransformer) -> list[RowTarget]:
     if "targets" not in row:
-        return [RowTarget(-1, _token_set(row, "answer", where, model, True),
-                          _token_set(row, "wrong", where, model, False))]
+        return [_target(-1, row, where, model)]
     both = [f for f in ("answer", "answer_ids", "wrong", "wrong_ids") if f in row]
     if both:
         raise TaskError(f"{where}: give 'targets' or {both[0]!r}, not both; put each answer in its target")
     spec = row["targets"]
-    if isinstance(spec, str):  # a CSV cell
+    if isinstance(spec, str):  # a CSV cell holds the list as JSON text
         try:
             spec = json.loads(spec)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{where}: 'targets' is not valid JSON ({err.msg})") from err
+        except json.JSONDecodeError:
+            pass  # refused below, with what was given
     if not isinstance(spec, list) or not spec or not all(isinstance(t, dict) for t in spec):
+        given = row["targets"]
+        shown = f"the text {given!r}" if isinstance(given, str) else f"{type(given).__name__} {given!r}"
         raise TaskError(f"{where}: 'targets' must be a non-empty list of objects like "
-                        '{"position": 5, "answer": " x", "wrong": " y"}')
+                        '[{"position": 5, "answer": " x", "wrong": " y"}]; got ' + shown[:120]
+                        + " (in a CSV cell, write that list as JSON)")
     out = []
     for k, t in enumerate(spec, 1):
         at = f"{where} target {k}"
@@ -189,8 +192,19 @@ def _targets(row: dict, where: str, model: HookedTransformer) -> list[RowTarget]
         if isinstance(pos, bool) or not isinstance(pos, int):
             raise TaskError(f"{at}: 'position' must be an integer token index (0 is the first token, -1 the last), "
                             f"got {pos!r}")
-        out.append(RowTarget(pos, _token_set(t, "answer", at, model, True), _token_set(t, "wrong", at, model, False)))
+        out.append(_target(pos, t, at, model))
     return out
+
+
+def _target(pos: int, spec: dict, where: str, model: HookedTransformer) -> RowTarget:
+    """One target; an answer that is also a wrong answer is refused (the difference would be 0)."""
+    answers, wrongs = _token_set(spec, "answer", where, model, True), _token_set(spec, "wrong", where, model, False)
+    both = sorted(set(answers) & set(wrongs))
+    if both:
+        shown = ", ".join(repr(model.tokenizer.decode([i])) if model.tokenizer is not None else str(i) for i in both)
+        raise TaskError(f"{where}: {shown} is both an answer and a wrong answer; a token cannot be both (the logit "
+                        "difference would not depend on it)")
+    return RowTarget(pos, answers, wrongs)
 
 
 def token_rows(records: list[dict], source: str | Path, model: HookedTransformer) -> TokenRows:

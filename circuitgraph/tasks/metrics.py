@@ -123,6 +123,16 @@ def dataset_metric(logits_bpv: torch.Tensor, ds: TaskDataset) -> torch.Tensor:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise TaskError(f"metric {ds.metric_name!r} returned {got}; a metric returns one value per prompt, a "
                             f"tensor of shape [{logits_bpv.shape[0]}]")
+        bad = ~torch.isfinite(out.detach())
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise TaskError(f"metric {ds.metric_name!r} returned NaN or infinite values for {int(bad.sum())} of "
+                            f"{bad.numel()} prompts of the batch (the first: {ds.prompts[first][:60]!r}); circuits "
+                            "need a finite metric for every prompt")
+        if logits_bpv.requires_grad and not out.requires_grad:
+            raise TaskError(f"metric {ds.metric_name!r} does not depend differentiably on the logits (its value has no "
+                            "gradient): compute it with differentiable torch operations on the logits (no .item(), "
+                            "argmax, .detach() or numpy)")
         return out
     t = ds.target_table()
     n, n_t = t.pos.shape

@@ -154,3 +154,19 @@ def test_dictionaries_on_a_real_model_sample_their_own_text(tmp_path) -> None:
     model = resolve_model(str(MODEL))
     src = token_source(argparse.Namespace(tokens_file=None, text=None, seq_len=16), model, seed=0)
     assert isinstance(src, ModelSampledTokens) and src.sequences(0, 2).shape == (2, 16)
+
+
+def test_answers_with_a_leading_space_are_the_next_word_token(stories) -> None:
+    """SentencePiece marks a word's leading space itself: the answer ' Lily' (written as for GPT-2)
+    is the token that follows 'time' in the tokenised prompt, not '▁' + 'Lily'; a byte-level
+    tokenizer keeps its own rule (' Lily' and 'Lily' differ)."""
+    from circuitgraph.errors import TaskError
+    from circuitgraph.models.loading import load_default
+    from circuitgraph.tasks.dataset import single_token_id
+
+    prompt = stories.to_tokens("Once upon a time Lily")[0].tolist()
+    assert single_token_id(stories, " Lily") == single_token_id(stories, "Lily") == prompt[-1]
+    with pytest.raises(TaskError, match=r"is 2 tokens \['▁', 'x'\]"):
+        single_token_id(stories, "x")
+    toy = load_default()
+    assert single_token_id(toy, " Lily") != single_token_id(toy, "Lily")

@@ -151,8 +151,14 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     if model.tokenizer is None:
         raise TaskError(f"answer {text!r} needs a tokenizer; this model has none")
     ids = torch.tensor(encode(model, text, f"answer {text!r}", prepend_bos=False))
+    if ids.numel() == 2 and text.startswith(" ") and _is_space_marker(model, int(ids[0])):
+        # a SentencePiece-style tokenizer marks a word's leading space itself ("▁Mary"): " Mary" is
+        # then "▁" + "Mary", while the token that follows a word in a prompt is "Mary" encoded alone
+        alone = torch.tensor(encode(model, text[1:], f"answer {text!r}", prepend_bos=False))
+        if alone.numel() == 1 and model.tokenizer.convert_ids_to_tokens([int(alone[0])])[0].startswith("\u2581"):
+            ids = alone
     if ids.numel() != 1:
-        pieces = [model.tokenizer.decode([int(i)]) for i in ids]
+        pieces = model.tokenizer.convert_ids_to_tokens(ids.tolist())
         raise TaskError(
             f"answer {text!r} is {ids.numel()} tokens {pieces}, not one; answers must be single tokens "
             "(include the leading space, e.g. ' Mary')"
@@ -162,6 +168,11 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
         raise TaskError(f"answer {text!r} is not in the model's vocabulary (it would become the unknown token "
                         f"{model.tokenizer.unk_token!r})")
     return int(ids[0])
+
+
+def _is_space_marker(model: HookedTransformer, token_id: int) -> bool:
+    """Whether ``token_id`` is SentencePiece's lone word-boundary marker ``▁``."""
+    return model.tokenizer.convert_ids_to_tokens([token_id])[0] == "\u2581"
 
 
 def encode(model: HookedTransformer, text: str, what: str, prepend_bos: bool = True) -> list[int]:

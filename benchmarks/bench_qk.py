@@ -9,7 +9,11 @@ attention-z + transcoder dictionaries: timing depends on sizes, not on training)
   (what ``trace --qk`` would attach for the strongest attention edges is a subset of this);
 * per-pair cost and the largest |sum of terms - score| / max(1, |score|) seen;
 * ``dataset_s``: ``aggregate_qk`` over 32 induction prompts for one head, with and without the
-  contrast against the other keys (embedded model only).
+  contrast against the other keys (embedded model only);
+* ``trace_qk``: what ``trace --qk`` adds: the prompt graph and its pruning, with and without
+  ``attach_qk`` (head loadings of every pruned edge into an attention feature, QK pairs of the 10
+  strongest cross-position ones), alternated in this process, fastest of ``--repeats`` each;
+  ``ratio`` = with / without (target: <= 2).
 
     .venv/bin/python benchmarks/bench_qk.py --threads 2
 """
@@ -63,6 +67,28 @@ def measure(rm: ReplacementModel, tokens: torch.Tensor) -> dict:
             "max_relative_gap": worst}
 
 
+def measure_attach(rm: ReplacementModel, tokens: torch.Tensor, repeats: int) -> dict:
+    """The prompt graph + pruning with and without attach_qk, alternated; fastest of each."""
+    from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig, attach_qk
+    from circuitgraph.graph.pruning import prune_graph
+
+    cfg = LinearAttributionConfig(progress=False)
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    info: dict = {}
+    for _ in range(repeats):
+        for mode in ("without", "with"):
+            start = time.perf_counter()
+            full = attribute_prompt(rm, tokens, cfg)
+            pruned = prune_graph(full)
+            if mode == "with":
+                info = attach_qk(pruned, rm, tokens, QKAttachConfig(), also=full)
+            times[mode].append(time.perf_counter() - start)
+    without, with_qk = min(times["without"]), min(times["with"])
+    return {"without_s": round(without, 3), "with_s": round(with_qk, 3), "ratio": round(with_qk / without, 3),
+            "pruned_edges": pruned.n_edges, "edges_with_loadings": len(info["loadings"]), "pairs": len(info["pairs"]),
+            "loadings_sum_max_rel_diff": info["loadings_sum_max_rel_diff"], "repeats": repeats}
+
+
 def random_dicts(model) -> dict:
     out = {}
     for i, site in enumerate(Site(layer, kind) for layer in range(model.cfg.n_layers) for kind in ("attn_z", "transcoder")):
@@ -74,14 +100,19 @@ def random_dicts(model) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="trace_qk: builds with and without, alternated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_default()
     rm = ReplacementModel(model, load_dictionaries(DEFAULT_DICTS_DIR))
-    results = {"embedded": measure(rm, model.to_tokens("When Mary and John went to the park, John gave a book to"))}
+    ioi = model.to_tokens("When Mary and John went to the park, John gave a book to")
+    results = {"embedded": measure(rm, ioi)}
     stories = resolve_model(str(STORIES))
-    results["stories260K"] = measure(ReplacementModel(stories, random_dicts(stories)),
-                                     stories.to_tokens("Lily and Tim went to the park. Lily said hello to her friend."))
+    stories_rm = ReplacementModel(stories, random_dicts(stories))
+    story = stories.to_tokens("Lily and Tim went to the park. Lily said hello to her friend.")
+    results["stories260K"] = measure(stories_rm, story)
+    results["embedded"]["trace_qk"] = measure_attach(rm, ioi, args.repeats)
+    results["stories260K"]["trace_qk"] = measure_attach(stories_rm, story, args.repeats)
     ds = make_dataset("induction", model, n=32, seed=0)
     for contrast in (False, True):
         start = time.perf_counter()

@@ -164,7 +164,8 @@ def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
 def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, SparseDictionary] | str | None,
           data: str | torch.Tensor | PromptDataset | TaskDataset, *, eval_data: PromptDataset | TaskDataset | None = None,
           answer: str | None = None, contrast: str | None = None, sites: str | None = None,
-          granularity: str = "features", metric: Metric | None = None, config: Any = None, **settings: Any) -> Graph:
+          granularity: str = "features", metric: Metric | None = None, config: Any = None, qk: Any = False,
+          **settings: Any) -> Graph:
     """An attribution graph or circuit.
 
     Args:
@@ -180,6 +181,9 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
             ``logit_diff``, ``logprob``, ``prob_diff``, ``kl`` or a callable
             ``fn(logits [n, seq, vocab], batch) -> [n]`` (docs/datasets.md).
         config: a ready config of the method (instead of ``settings``).
+        qk: prompt graphs only: ``True`` (or a :class:`~circuitgraph.attribution.prompt.qk_attach.QKAttachConfig`)
+            attaches head loadings and QK pairs (``metadata["qk"]``; :meth:`Graph.head_loadings`,
+            :meth:`Graph.why_attends`) for the edges of the graph pruned as :func:`prune` prunes.
         **settings: fields of the method's config (see the module docstring), e.g. ``method="acdc"``,
             ``max_nodes=100``, ``ablation="mean"``, ``max_feature_nodes=500``; nested fields by their
             flat names (``acdc_tau=0.01``).
@@ -192,6 +196,9 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
     """
     if granularity not in ("features", "components"):
         raise CircuitGraphError(f"granularity must be 'features' or 'components', got {granularity!r}")
+    if qk and (granularity == "components" or not isinstance(data, (str, torch.Tensor))):
+        raise CircuitGraphError("qk= attaches head loadings to a prompt graph of features; a dataset circuit has "
+                                "none (see circuitgraph qk --task / --dataset for QK terms over a dataset)")
     if isinstance(data, PromptDataset):
         data, has_corrupted = data.data, data.has_corrupted
     else:
@@ -232,6 +239,10 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
                                  metric=answer_target(base, answer, contrast))
         graph.metadata["outputs"] = prompt_outputs(base, tokens, answer, contrast,
                                                    [n.index for n in graph.nodes if n.kind == "logit"])
+        if qk:
+            from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig, attach_qk
+
+            attach_qk(prune(graph), rm, tokens, qk if isinstance(qk, QKAttachConfig) else QKAttachConfig(), also=graph)
         return graph
     if answer is not None or contrast is not None:
         raise CircuitGraphError("answer / contrast choose what a prompt graph explains; a dataset has its own answers")

@@ -21,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-features", metavar="NODE_ID", help="features with the largest influence on NODE_ID")
     g.add_argument("--paths", nargs=2, metavar=("SRC", "DST"))
     g.add_argument("--nodes", action="store_true", help="list node ids (filtered)")
+    g.add_argument("--why-attends", metavar="LAYER.HEAD@Q:K",
+                   help="head HEAD of block LAYER's score from query position Q to key position K, split into "
+                        "(query source, key source) pairs: stored by `trace --qk`, else computed from the graph's "
+                        "model, dictionaries and prompt")
+    g.add_argument("--head-loadings", nargs=2, metavar=("SRC", "DST"),
+                   help="the edge SRC -> DST into an attention feature split by head (`trace --qk`)")
     q.add_argument("--top-k", type=int, default=10)
     q.add_argument("--depth", type=int, default=1)
     q.add_argument("--layer", type=int, default=None)
@@ -57,7 +63,11 @@ def run_query(args: argparse.Namespace) -> int:
                                 "shortest-path search)")
     g = Graph.load(args.graph)
     where = NodeFilter(args.layer, args.site, args.pos, args.kind)
-    if args.paths:
+    if args.why_attends:
+        rows = [why_attends(g, args.why_attends, args.top_k)]
+    elif args.head_loadings:
+        rows = [{"head": h, "loading": v} for h, v in g.head_loadings(*args.head_loadings).items()]
+    elif args.paths:
         rows = [r._asdict() for r in paths(g, args.paths[0], args.paths[1], args.top_k)]
     elif args.nodes:
         rows = [{"node": n.id, "activation": float(g.activation[i]), "label": g.labels[i]}
@@ -76,6 +86,48 @@ def run_query(args: argparse.Namespace) -> int:
         for r in rows:
             sys.stdout.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()) + "\n")
     return 0
+
+
+def parse_why(text: str) -> tuple[int, int, int, int]:
+    """``LAYER.HEAD@Q:K`` (e.g. ``1.3@9:4``) as ``(layer, head, query, key)``."""
+    import re
+
+    m = re.fullmatch(r"\s*L?(\d+)\.(?:head|H)?(\d+)@(-?\d+):(-?\d+)\s*", text)
+    if m is None:
+        raise CircuitGraphError(f"--why-attends {text!r}: write LAYER.HEAD@QUERY:KEY, e.g. 1.3@9:4 (head 3 of block 1, "
+                                "query position 9, key position 4)")
+    return tuple(int(x) for x in m.groups())  # type: ignore[return-value]
+
+
+def why_attends(g, text: str, top_k: int) -> dict:
+    """The stored QK split of a head's score, or one computed from the graph's model, dictionaries
+    and prompt (``metadata``: ``model``, ``dicts``, ``sites``, ``prompt_tokens``)."""
+    layer, head, q, k = parse_why(text)
+    stored = g.why_attends(layer, head, q, k)
+    if stored is not None:
+        return {**stored, "top_pairs": stored["top_pairs"][:top_k], "stored": True}
+    meta = g.metadata
+    if "prompt_tokens" not in meta or meta.get("method") != "linear":
+        raise CircuitGraphError("--why-attends needs a prompt graph (trace --prompt): this graph has no prompt tokens")
+    import torch
+
+    from circuitgraph import api
+    from circuitgraph.attribution.qk import attribute_qk
+    from circuitgraph.models.loading import DEFAULT_DICTS_DIR
+
+    model = api.load_model(meta.get("model") or "default")
+    dicts = api.load_dictionaries(meta.get("dicts") or str(DEFAULT_DICTS_DIR))
+    from circuitgraph.replacement import ReplacementModel
+    from dictionaries.site import Site
+
+    sites = [Site.parse(x) for x in meta.get("sites", [])]
+    missing = [s.id for s in sites if s not in dicts]
+    if missing or not sites:
+        raise CircuitGraphError(f"the graph's dictionaries ({meta.get('dicts')}) no longer hold its sites "
+                                f"{missing or '(none recorded)'}; trace again with --qk")
+    rm = ReplacementModel(model, {s: dicts[s] for s in sites})
+    tokens = torch.tensor([meta["prompt_tokens"]])
+    return {**attribute_qk(rm, tokens, layer, head, q, k).to_dict(top_k), "stored": False}
 
 
 def run_view(args: argparse.Namespace) -> int:

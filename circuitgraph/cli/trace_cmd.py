@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from circuitgraph.attribution.circuit import CircuitConfig
     from circuitgraph.attribution.components import ComponentCircuitConfig
     from circuitgraph.attribution.linear import LinearAttributionConfig
+    from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig
     from circuitgraph.cli.config_flags import add_dataclass_flags
 
     p = sub.add_parser("trace", help="build an attribution graph / circuit for a task dataset or one prompt",
@@ -85,6 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     comp_only = add_dataclass_flags(comp, ComponentCircuitConfig, skip=(*shared, "progress"))
     prompt = p.add_argument_group("prompt graphs (LinearAttributionConfig) and their pruning")
     prompt_flags = add_dataclass_flags(prompt, LinearAttributionConfig, skip=("progress",), rename=PROMPT_RENAME)
+    prompt.add_argument("--qk", action="store_true", default=None,
+                        help="attach head loadings of the pruned graph's edges into attention features and QK pairs "
+                             "of the strongest cross-position ones (why the head attended; query --why-attends)")
+    qk_flags = add_dataclass_flags(prompt, QKAttachConfig, prefix="qk_")
     prompt.add_argument("--node-threshold", type=float, default=None,
                         help=f"cumulative influence kept when pruning (default: {_prune_default('node_threshold')})")
     prompt.add_argument("--edge-threshold", type=float, default=None,
@@ -99,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dataset": ["eval_n", "eval_seed", "padding_side", "plain_acdc", *shared, *comp_only],
         "features": [n for n in shared if n not in flat_names(ComponentCircuitConfig)],
         "components": list(comp_only),
-        "prompt": ["node_threshold", "edge_threshold", *(PROMPT_RENAME.get(n, n) for n in prompt_flags)],
+        "prompt": ["node_threshold", "edge_threshold", "qk", *("qk_" + n for n in qk_flags),
+                   *(PROMPT_RENAME.get(n, n) for n in prompt_flags)],
     })
 
 
@@ -153,7 +159,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     """Defaults of the flags left unset so that :func:`_refuse_unused` could tell given from default."""
     defaults = {"task": "ioi", "n": 64, "seed": 0, "eval_seed": 1, "padding_side": "right",
                 "node_threshold": _prune_default("node_threshold"), "edge_threshold": _prune_default("edge_threshold"),
-                "plain_acdc": False}
+                "plain_acdc": False, "qk": False}
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -324,10 +330,23 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
                            "completeness_score": full_scores.completeness,
                            "pruned_replacement_score": pruned_scores.replacement,
                            "pruned_completeness_score": pruned_scores.completeness})
+    qk = {}
+    if args.qk:
+        from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig, attach_qk
+        from circuitgraph.cli.config_flags import dataclass_from_flags
+
+        start = time.perf_counter()
+        try:
+            qk_cfg = dataclass_from_flags(QKAttachConfig, args, prefix="qk_")
+        except ValueError as err:
+            raise CircuitGraphError(str(err)) from err
+        info = attach_qk(graph, rm, tokens, qk_cfg, also=full)
+        qk = {"qk_edges_with_loadings": len(info["loadings"]), "qk_pairs": len(info["pairs"]),
+              "qk_seconds": time.perf_counter() - start}
     describe_into(graph, rm, args, tokens)
     _ablation_effects_into(graph, rm, tokens)
     graph.save(args.out, children={"full": full})
-    return {"n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
+    return {**qk, "n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "faithfulness": None, "completeness": None,
             "replacement_score": full_scores.replacement, "completeness_score": full_scores.completeness,
             "full_nodes": full.n_nodes, "full_edges": full.n_edges,
             "visited_features": full.metadata["n_visited_features"], "active_features": full.metadata["n_active_features"],

@@ -123,6 +123,21 @@ class Graph:
 
         return top_features(self, target, k, NodeFilter(**where))
 
+    def head_loadings(self, src: str, dst: str) -> dict[str, float]:
+        """``{"L<layer>.H<head>": part}``: the edge ``src -> dst`` into an attention feature split by the
+        head carrying each part (the parts sum to the edge); stored by ``trace --qk``."""
+        from circuitgraph.attribution.prompt.qk_attach import stored_loadings
+
+        return stored_loadings(self, src, dst)
+
+    def why_attends(self, layer: int, head: int, query_pos: int, key_pos: int) -> dict | None:
+        """The stored QK split (``score``, ``sum_of_terms``, ``top_pairs``) of that head's score from
+        ``query_pos`` to ``key_pos``, if ``trace --qk`` attached it; else ``None``."""
+        for pair in (self.metadata.get("qk") or {}).get("pairs", []):
+            if (pair["layer"], pair["head"], pair["query"], pair["key"]) == (layer, head, query_pos, key_pos):
+                return pair
+        return None
+
     # --- derived graphs ------------------------------------------------------------------
     def subgraph(self, keep_nodes: torch.Tensor, keep_edges: torch.Tensor | None = None) -> Graph:
         """The graph restricted to nodes where ``keep_nodes`` (``[N]`` bool) and, optionally, edges

@@ -153,6 +153,25 @@
       card.appendChild(link(o.id, (r[1] >= 0 ? '+' : '') + fmt(r[1]) + '  ' + o.id + '  ' + o.label));
     });
   }
+  function attention(card, q, n) {
+    // head loadings (which head of this layer carried each input) and QK pairs (why it attended)
+    var layer = n.site.split('.')[0];
+    card.appendChild(el('h4', 'inputs by attention head (' + layer + '; the parts sum to the edge)'));
+    q.heads.forEach(function (r) {
+      var total = r[1].reduce(function (a, b) { return a + b; }, 0);
+      var parts = r[1].map(function (v, h) { return 'H' + h + ' ' + fmt(v); }).join('  ');
+      card.appendChild(link(r[0], r[0] + '  ' + fmt(total) + ' = ' + parts));
+    });
+    q.pairs.forEach(function (a) {
+      card.appendChild(el('h4', 'why L' + a.layer + '.H' + a.head + ' attends ' + a.query + ' -> ' + a.key +
+        ' (from ' + a.source + '): score ' + fmt(a.score) + ' = sum of terms ' + fmt(a.sum_of_terms) +
+        ', attention ' + fmt(a.pattern)));
+      a.top_pairs.forEach(function (t) {
+        card.appendChild(el('div', (t[2] >= 0 ? '+' : '') + fmt(t[2]) + '  query ' + t[0] + '  x  key ' + t[1],
+                            'font-family:monospace;white-space:pre'));
+      });
+    });
+  }
   function contexts(card, f) {
     card.appendChild(el('h4', 'top-activating contexts (density ' + fmt(f.density) + ')'));
     f.contexts.forEach(function (c) {
@@ -218,6 +237,7 @@
     if (n.kind === 'supernode' && members) card.appendChild(el('div', 'members: ' + members.join(', ')));
     if (n.card) contexts(card, D.cards[n.card]);
     strongest(card, p, true);
+    if (D.qk && D.qk[id]) attention(card, D.qk[id], n);
     strongest(card, p, false);
   }
   function go(id) {

@@ -100,6 +100,31 @@ def compact_card(card: dict) -> dict:
     return out
 
 
+MAX_QK_INPUTS = 8
+"""Incoming edges whose head loadings an attention feature's card lists."""
+
+
+def qk_cards(info: dict | None, on_page: set[str]) -> dict:
+    """For each attention feature on the page: its strongest incoming edges' head loadings (from
+    sources on the page) and the QK pairs ``trace --qk`` attached to edges into it."""
+    if not info:
+        return {}
+    out: dict[str, dict] = {}
+    for key, values in info.get("loadings", {}).items():
+        src, dst = key.split("->")
+        if src in on_page and dst in on_page:
+            out.setdefault(dst, {"heads": [], "pairs": []})["heads"].append([src, [round(v, 4) for v in values]])
+    for card in out.values():
+        card["heads"].sort(key=lambda r: -abs(sum(r[1])))
+        del card["heads"][MAX_QK_INPUTS:]
+    for pair in info.get("pairs", []):
+        if pair["target"] in out:
+            out[pair["target"]]["pairs"].append(
+                {k: pair[k] for k in ("source", "layer", "head", "query", "key", "score", "sum_of_terms", "pattern")}
+                | {"top_pairs": [[t["query"], t["key"], round(t["value"], 4)] for t in pair["top_pairs"][:6]]})
+    return out
+
+
 def honest_numbers(meta: dict) -> str:
     """The circuit's node counts and scores as the header shows them (held-out when it was)."""
     parts = []
@@ -172,7 +197,8 @@ def page_data(g: Graph, views: PageViews, title: str | None = None) -> dict:
         metric = "the likeliest next tokens' logits, weighted by their probabilities"
     title = title or page_title(meta, metric)
     wanted = {n["card"] for n in nodes if n["card"]}
-    return {"title": title, "heading": page_heading(meta) if title == page_title(meta, metric) else title, "metric": metric, "outputs": top_outputs_text(meta),
+    qk = qk_cards(meta.get("qk"), {n["id"] for n in nodes})
+    return {"qk": qk, "title": title, "heading": page_heading(meta) if title == page_title(meta, metric) else title, "metric": metric, "outputs": top_outputs_text(meta),
             "summary": f"{g.n_nodes} nodes, {g.n_edges} edges" + honest_numbers(meta),
             "prompt": meta.get("prompt") if isinstance(meta.get("prompt"), str) else None,
             "nodes": nodes, "edges": edges, "views": view_docs, "default_view": default, "ct_view": CT_VIEW,

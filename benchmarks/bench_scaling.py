@@ -355,6 +355,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    failed = 0
     for cell in args.cells.split(","):
         for mode in args.modes.split(","):
             with tempfile.TemporaryDirectory() as tmp:
@@ -366,6 +367,11 @@ def main() -> None:
                       f"RSS {row['ours_rss_mb']} / {row['theirs_rss_mb']} MB; features {row['features_visited']} / "
                       f"{row['theirs_features_visited']}; edges max rel diff {row.get('edges_max_rel_diff')}; "
                       f"load {row['load_before']} -> {row['load_after']}", flush=True)
+            if row.get("ours_error"):
+                failed += 1
+                print(f"{cell} {mode}: our build failed: {row['ours_error']}", file=sys.stderr)
+    if failed:
+        sys.exit(1)  # a build that failed must not read as a measurement
 
 
 if __name__ == "__main__":

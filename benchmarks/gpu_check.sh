@@ -15,6 +15,10 @@ CELLS=${CELLS:-S,S128,M,M128,L}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
+if ! command -v nvidia-smi >/dev/null || ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check.sh: no CUDA GPU here (nvidia-smi missing or torch.cuda.is_available() is False); run it on a GPU machine" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_name.txt"
 "$PY" benchmarks/bench_scaling.py --cells "$CELLS" --modes equal,defaults --device cuda --repeats 3 --json \
     | tee "$OUT/gpu_grid.jsonl"

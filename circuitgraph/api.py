@@ -140,6 +140,15 @@ def _config(cls: type, settings: dict[str, Any], what: str, config: Any = None) 
             raise CircuitGraphError(f"{what} takes a {cls.__name__} as config, got {type(config).__name__}")
         return config
     names = flat_fields(cls)
+    if cls.__name__ == "LinearAttributionConfig":  # the CLI's flag names of the two settings datasets share
+        from circuitgraph.cli.trace_cmd import PROMPT_RENAME
+
+        for name, flag in PROMPT_RENAME.items():
+            if flag in settings:
+                if name in settings:
+                    raise CircuitGraphError(f"give {name} or {flag}, not both (the same setting)")
+                settings = dict(settings)
+                settings[name] = settings.pop(flag)
     unknown = sorted(set(settings) - set(names))
     if unknown:
         raise CircuitGraphError(f"{what} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(names))}")
@@ -161,7 +170,7 @@ def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     return torch.tensor([tokens])
 
 
-def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, SparseDictionary] | str | None,
+def trace(model: HookedTransformer | ReplacementModel | str, dicts: Mapping[Site, SparseDictionary] | str | None,
           data: str | torch.Tensor | PromptDataset | TaskDataset, *, eval_data: PromptDataset | TaskDataset | None = None,
           answer: str | None = None, contrast: str | None = None, sites: str | None = None,
           granularity: str = "features", metric: Metric | None = None, config: Any = None, qk: Any = False,
@@ -169,7 +178,8 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
     """An attribution graph or circuit.
 
     Args:
-        model: the model, or a :class:`ReplacementModel` (then ``dicts`` is ignored).
+        model: the model, or a :class:`ReplacementModel` (then ``dicts`` is ignored), or a name /
+            folder :func:`load_model` takes.
         dicts: ``{Site: dictionary}``, a folder / committed set name for :func:`load_dictionaries`,
             or ``None`` (the committed default set; embedded model only).
         data: a prompt (text, or ``[1, P]`` token ids) for a prompt graph; a dataset for a circuit.
@@ -196,6 +206,11 @@ def trace(model: HookedTransformer | ReplacementModel, dicts: Mapping[Site, Spar
     """
     if granularity not in ("features", "components"):
         raise CircuitGraphError(f"granularity must be 'features' or 'components', got {granularity!r}")
+    if isinstance(model, (str, Path)):  # a name or folder, as load_model takes
+        model = load_model(str(model))
+    elif not isinstance(model, (HookedTransformer, ReplacementModel)):
+        raise CircuitGraphError(f"model must be a HookedTransformer, a ReplacementModel or a name / folder for "
+                                f"load_model, got {type(model).__name__}")
     if qk and (granularity == "components" or not isinstance(data, (str, torch.Tensor))):
         raise CircuitGraphError("qk= attaches head loadings to a prompt graph of features; a dataset circuit has "
                                 "none (see circuitgraph qk --task / --dataset for QK terms over a dataset)")

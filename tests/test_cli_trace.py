@@ -172,6 +172,10 @@ PROMPT = "When Mary and John went to the park, John gave a book to"
     # values that used to give raw tracebacks or were accepted
     (["--prompt", PROMPT, "--max-logits", "0"], "max_logits is 0 and no answer was given"),
     (["--prompt", PROMPT, "--device", "cuda:x"], "unknown device 'cuda:x'"),
+    (["--prompt", PROMPT, "--device", "mps"], "prompt graphs are built on cpu or cuda"),
+    (["--prompt", PROMPT, "--memory-mb", "inf"], "memory_mb must be a finite number >= 0"),
+    (["--prompt", PROMPT, "--memory-mb", "nan"], "memory_mb must be a finite number >= 0"),
+    (["--prompt", PROMPT, "--memory-mb", "1", "--spill-dir", "DATA"], "is a file, not a folder"),
     (["--task", "ioi", "--n", "4", "--target-faithfulness", "1.5"], "use a value in (0, 1]"),
 ])
 def test_trace_refuses_flags_it_would_ignore(tmp_path, capsys, argv, message):

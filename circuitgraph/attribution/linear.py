@@ -38,7 +38,13 @@ from circuitgraph.attribution.prompt.bos import BosMode, bos_deltas, clean_run
 from circuitgraph.attribution.prompt.edges import EdgeStore
 from circuitgraph.attribution.prompt.layout import SourceLayout
 from circuitgraph.attribution.prompt.outputs import OutputTargets, token_strings
-from circuitgraph.attribution.prompt.resources import auto_batch, budget_bytes, on_device, resolve_device
+from circuitgraph.attribution.prompt.resources import (
+    auto_batch,
+    budget_bytes,
+    check_spill_dir,
+    on_device,
+    resolve_device,
+)
 from circuitgraph.attribution.targets import MetricTarget
 from circuitgraph.errors import CircuitGraphError
 from circuitgraph.graph.graph import Graph
@@ -91,8 +97,8 @@ class LinearAttributionConfig:
             raise ValueError(f"logit_probability must lie in (0, 1], got {self.logit_probability}")
         if self.bos not in get_args(BosMode):
             raise ValueError(f"bos must be keep or detach, got {self.bos!r}")
-        if self.memory_mb < 0:
-            raise ValueError(f"memory_mb must be >= 0 (0: half the available memory), got {self.memory_mb}")
+        if not 0 <= self.memory_mb < float("inf"):  # NaN fails this too
+            raise ValueError(f"memory_mb must be a finite number >= 0 (0: half the available memory), got {self.memory_mb}")
 
 
 def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearAttributionConfig | None = None,
@@ -109,6 +115,7 @@ def attribute_prompt(rm: ReplacementModel, tokens: torch.Tensor, config: LinearA
                                 "--max-logits 1 or more, or --answer TOKEN")
     tokens = _check_prompt(rm, tokens)
     device = resolve_device(cfg.device, rm)
+    check_spill_dir(cfg.spill_dir)
     with on_device(rm, device):
         graph = _build(rm, tokens.to(device), cfg, metric, device)
     graph.metadata["seconds"] = time.perf_counter() - start

@@ -10,6 +10,7 @@ its free memory as well).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,9 @@ def resolve_device(name: str, rm: ReplacementModel) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise CircuitGraphError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise CircuitGraphError(f"device {name!r}: prompt graphs are built on cpu or cuda; use --device cpu, cuda or "
+                                "auto")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -43,6 +47,24 @@ def resolve_device(name: str, rm: ReplacementModel) -> torch.device:
             raise CircuitGraphError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
                                     f"cuda:{count - 1}")
     return device
+
+
+def check_spill_dir(spill_dir: str) -> None:
+    """A clear error, before the build, when ``spill_dir`` (``""``: the system's temporary folder)
+    is not a writable folder (it is created when missing)."""
+    if not spill_dir:
+        return
+    path = Path(spill_dir)
+    if path.exists() and not path.is_dir():
+        raise CircuitGraphError(f"spill folder {spill_dir} is a file, not a folder; choose a folder (--spill-dir)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".circuitgraph-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CircuitGraphError(f"cannot write to the spill folder {spill_dir} ({err.strerror}); choose another "
+                                "(--spill-dir)") from err
 
 
 @contextmanager

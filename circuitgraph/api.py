@@ -162,6 +162,8 @@ def prompt_tokens(model: HookedTransformer, prompt: str) -> torch.Tensor:
     """``[1, P]`` tokens of one prompt (BOS first), with unknown words and tokenizer-less models refused."""
     from circuitgraph.tasks.dataset import check_in_vocabulary, encode
 
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise CircuitGraphError(f"the prompt must be non-empty text, got {prompt!r}")
     if model.tokenizer is None:
         raise CircuitGraphError("this model has no tokenizer, so a text prompt cannot be tokenised; put a "
                                 "tokenizer.json beside its weights or pass token ids (a [1, P] tensor) instead")
@@ -211,6 +213,8 @@ def trace(model: HookedTransformer | ReplacementModel | str, dicts: Mapping[Site
     elif not isinstance(model, (HookedTransformer, ReplacementModel)):
         raise CircuitGraphError(f"model must be a HookedTransformer, a ReplacementModel or a name / folder for "
                                 f"load_model, got {type(model).__name__}")
+    if not isinstance(qk, bool) and type(qk).__name__ != "QKAttachConfig":
+        raise CircuitGraphError(f"qk must be True, False or a QKAttachConfig, got {qk!r}")
     if qk and (granularity == "components" or not isinstance(data, (str, torch.Tensor))):
         raise CircuitGraphError("qk= attaches head loadings to a prompt graph of features; a dataset circuit has "
                                 "none (see circuitgraph qk --task / --dataset for QK terms over a dataset)")
@@ -250,6 +254,10 @@ def trace(model: HookedTransformer | ReplacementModel | str, dicts: Mapping[Site
         from circuitgraph.viewer.outputs import prompt_outputs
 
         tokens = prompt_tokens(base, data) if isinstance(data, str) else data
+        if qk:
+            from circuitgraph.attribution.prompt.qk_attach import require_attention_sites
+
+            require_attention_sites(rm)  # before the build
         graph = attribute_prompt(rm, tokens, _config(LinearAttributionConfig, settings, "a prompt graph", config),
                                  metric=answer_target(base, answer, contrast))
         graph.metadata["outputs"] = prompt_outputs(base, tokens, answer, contrast,

@@ -139,3 +139,45 @@ def test_the_card_of_an_attention_feature_shows_heads_and_pairs(tmp_path, rm, de
     assert f"inputs by attention head (L{layer}; the parts sum to the edge)" in text
     assert f"why L{layer}.H{pair['head']} attends {pair['query']} -> {pair['key']}" in text
     assert pair["top_pairs"][0]["query"] in text and pair["top_pairs"][0]["key"] in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--qk-edges", "5"], "--qk-edges set(s) what --qk attaches; add --qk"),
+    (["--qk", "--qk-edges", "-2"], "qk edges must be >= 0"),
+    (["--qk", "--sites", "transcoder"], "no attn_z site is spliced"),
+])
+def test_trace_qk_refusals_before_the_build(tmp_path, capsys, argv, message):
+    assert main(["trace", "--prompt", PROMPT, *argv, "--describe-seqs", "0", "--out", str(tmp_path / "g")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_attribute_qk_refuses_bad_arguments(rm, default_model):
+    tokens = cg.api.prompt_tokens(default_model, PROMPT)
+    for args, message in (((default_model, tokens, 0, 0, 3, 1), "needs a ReplacementModel"),
+                          ((rm, tokens.float(), 0, 0, 3, 1), "integer tensor of token ids"),
+                          ((rm, tokens[:, :0], 0, 0, 3, 1), "one non-empty prompt"),
+                          ((rm, PROMPT, 0, 0, 3, 1), "integer tensor of token ids"),
+                          ((rm, tokens, 1.0, 0, 3, 1), "layer and head must be integers")):
+        with pytest.raises(CircuitGraphError, match=message):
+            attribute_qk(*args)
+    with pytest.raises(CircuitGraphError, match="qk must be True, False or a QKAttachConfig"):
+        cg.trace(rm, None, PROMPT, qk="yes")
+    with pytest.raises(CircuitGraphError, match="the prompt must be non-empty text"):
+        cg.trace(rm, None, "  ")
+
+
+def test_why_attends_counts_negative_positions_from_the_end(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["trace", "--prompt", PROMPT, "--qk", "--qk-edges", "1", "--describe-seqs", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    g = Graph.load(out)
+    pair, n = g.metadata["qk"]["pairs"][0], len(g.metadata["prompt_tokens"])
+    spec = f"{pair['layer']}.{pair['head']}@{pair['query'] - n}:{pair['key'] - n}"
+    assert main(["query", str(out), "--why-attends", spec, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["stored"] is True and (row["query"], row["key"]) == (pair["query"], pair["key"])
+    # more pairs than were stored: computed, the edge's fields kept
+    assert main(["query", str(out), "--why-attends", spec, "--top-k", "30", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["source"] == pair["source"] and len(row["top_pairs"]) == min(30, pair["n_terms"])
+    assert row["stored"] is (pair["n_terms"] <= len(pair["top_pairs"]))

@@ -158,6 +158,16 @@ class QKContext:
         ``fold_skips``: see :mod:`circuitgraph.attribution.residual_writes`."""
         if (tokens is None) == (record is None):
             raise CircuitGraphError("give the prompt's tokens or a recorded run (record_writes), not both")
+        if not isinstance(rm, ReplacementModel):
+            raise CircuitGraphError(f"QK attribution needs a ReplacementModel (cg.replacement_model(model, dicts)), "
+                                    f"got {type(rm).__name__}")
+        if tokens is not None:
+            if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex():
+                raise CircuitGraphError("tokens must be an integer tensor of token ids ([P] or [1, P]); for text use "
+                                        "cg.api.prompt_tokens(model, text)")
+            if tokens.numel() == 0 or tokens.reshape(-1).shape[0] != tokens.shape[-1]:
+                raise CircuitGraphError(f"tokens must be one non-empty prompt ([P] or [1, P]), got shape "
+                                        f"{tuple(tokens.shape)}")
         self.rm = rm
         self.record = record if record is not None else record_writes(rm, tokens)  # type: ignore[arg-type]
         self.writer = ResidualWriter(rm, self.record, fold_skips)
@@ -166,6 +176,8 @@ class QKContext:
 
     def _check(self, layer: int, head: int) -> None:
         cfg = self.rm.model.cfg
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, head)):
+            raise CircuitGraphError(f"layer and head must be integers, got {layer!r} and {head!r}")
         if not 0 <= layer < cfg.n_layers:
             raise CircuitGraphError(f"layer {layer} is out of range; the model has layers 0..{cfg.n_layers - 1}")
         if not 0 <= head < cfg.n_heads:
@@ -173,6 +185,8 @@ class QKContext:
 
     def position(self, pos: int, what: str) -> int:
         """``pos`` resolved against the prompt (negative counts from the end), checked."""
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise CircuitGraphError(f"{what} position must be an integer, got {pos!r}")
         if not -self.n_pos <= pos < self.n_pos:
             raise CircuitGraphError(f"{what} position {pos} is out of range; the prompt has positions "
                                     f"0..{self.n_pos - 1} (or -{self.n_pos}..-1 from the end)")

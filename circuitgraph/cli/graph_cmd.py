@@ -82,6 +82,15 @@ def run_query(args: argparse.Namespace) -> int:
         from circuitgraph.graph.graph import json_safe
 
         print(json.dumps(json_safe(rows), allow_nan=False))
+    elif args.why_attends:
+        r = rows[0]
+        head = f"L{r['layer']}.H{r['head']} {r['query']} -> {r['key']}"
+        edge = f"  (edge {r['source']} -> {r['target']}: {r['edge']:.4g}, this head {r['head_loading']:.4g})" \
+            if "source" in r else ""
+        sys.stdout.write(f"{head}: score {r['score']:.4g} = sum of {r['n_terms']} terms {r['sum_of_terms']:.4g}, "
+                         f"attention {r['pattern']:.3g}{edge}\n")
+        for t in r["top_pairs"]:
+            sys.stdout.write(f"  {t['value']:+.4g}  query {t['query']}  x  key {t['key']}\n")
     else:
         for r in rows:
             sys.stdout.write("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()) + "\n")
@@ -103,8 +112,11 @@ def why_attends(g, text: str, top_k: int) -> dict:
     """The stored QK split of a head's score, or one computed from the graph's model, dictionaries
     and prompt (``metadata``: ``model``, ``dicts``, ``sites``, ``prompt_tokens``)."""
     layer, head, q, k = parse_why(text)
+    n_pos = len(g.metadata.get("prompt_tokens", []))
+    if n_pos:  # negative positions count from the end, as `circuitgraph qk` counts them
+        q, k = (p % n_pos if -n_pos <= p < 0 else p for p in (q, k))
     stored = g.why_attends(layer, head, q, k)
-    if stored is not None:
+    if stored is not None and min(top_k, stored["n_terms"]) <= len(stored["top_pairs"]):
         return {**stored, "top_pairs": stored["top_pairs"][:top_k], "stored": True}
     meta = g.metadata
     if "prompt_tokens" not in meta or meta.get("method") != "linear":
@@ -127,7 +139,10 @@ def why_attends(g, text: str, top_k: int) -> dict:
                                 f"{missing or '(none recorded)'}; trace again with --qk")
     rm = ReplacementModel(model, {s: dicts[s] for s in sites})
     tokens = torch.tensor([meta["prompt_tokens"]])
-    return {**attribute_qk(rm, tokens, layer, head, q, k).to_dict(top_k), "stored": False}
+    fresh = attribute_qk(rm, tokens, layer, head, q, k).to_dict(top_k)
+    if stored is not None:  # more pairs than were stored: the edge's fields, the new pairs
+        return {**stored, **fresh, "stored": False}
+    return {**fresh, "stored": False}
 
 
 def run_view(args: argparse.Namespace) -> int:

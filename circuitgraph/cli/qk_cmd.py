@@ -110,7 +110,9 @@ def _run_prompt(args: argparse.Namespace, model, rm) -> dict:
     from circuitgraph.attribution.qk import QKContext
 
     if args.heads is not None or args.circuit is not None:
-        raise CircuitGraphError("--prompt attributes one head: give --layer and --head")
+        given = "--heads" if args.heads is not None else "--circuit"
+        raise CircuitGraphError(f"{given} chooses heads for a dataset (--task / --dataset); --prompt attributes one "
+                                "head: give --layer and --head and drop " + given)
     (layer, head), = _heads(args, rm)
     tokens = api.prompt_tokens(model, args.prompt)
     ctx = QKContext(rm, tokens, fold_skips=not args.no_fold_skips)

@@ -130,6 +130,17 @@ def _refuse_unused(args: argparse.Namespace) -> None:
     if args.prompt is None and args.prompt_max_feature_nodes is not None:
         raise CircuitGraphError("--prompt-max-feature-nodes is the budget of a --prompt graph; a dataset circuit's "
                                 "sizes are --max-nodes and --max-feature-nodes")
+    qk_given = _given(args, [n for n in groups["prompt"] if n.startswith("qk_")])
+    if qk_given and not args.qk:
+        raise CircuitGraphError(f"{', '.join(qk_given)} set(s) what --qk attaches; add --qk or drop them")
+    if args.qk and args.prompt is not None:
+        from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig
+        from circuitgraph.cli.config_flags import dataclass_from_flags
+
+        try:  # before the graph is built
+            dataclass_from_flags(QKAttachConfig, args, prefix="qk_")
+        except ValueError as err:
+            raise CircuitGraphError(f"{err}; check --qk-edges / --qk-top-k") from err
     if args.prompt is not None:
         mode = "--prompt (one prompt graph)"
         unused = {"a --task dataset": "task", "dataset circuits": "dataset"}
@@ -319,6 +330,10 @@ def _trace_prompt(args: argparse.Namespace, model, rm) -> dict:
     if rm is None:
         raise CircuitGraphError("--prompt traces dictionary features; drop --granularity components")
     require_tokenizer(model, "--prompt", "a --dataset file whose rows give prompt_ids and answer_ids")
+    if args.qk:
+        from circuitgraph.attribution.prompt.qk_attach import require_attention_sites
+
+        require_attention_sites(rm)  # before the build
     tokens = api.prompt_tokens(model, args.prompt)
     passes0 = rm.forward_passes
     full = api.trace(rm, None, tokens, answer=args.answer, contrast=args.contrast,

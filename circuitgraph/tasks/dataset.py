@@ -151,12 +151,12 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     if model.tokenizer is None:
         raise TaskError(f"answer {text!r} needs a tokenizer; this model has none")
     ids = torch.tensor(encode(model, text, f"answer {text!r}", prepend_bos=False))
-    if ids.numel() == 2 and text.startswith(" ") and _is_space_marker(model, int(ids[0])):
+    if ids.numel() >= 2 and text.startswith(" ") and _is_space_marker(model, int(ids[0])):
         # a SentencePiece-style tokenizer marks a word's leading space itself ("▁Mary"): " Mary" is
         # then "▁" + "Mary", while the token that follows a word in a prompt is "Mary" encoded alone
         alone = torch.tensor(encode(model, text[1:], f"answer {text!r}", prepend_bos=False))
-        if alone.numel() == 1 and model.tokenizer.convert_ids_to_tokens([int(alone[0])])[0].startswith("\u2581"):
-            ids = alone
+        if alone.numel() and model.tokenizer.convert_ids_to_tokens([int(alone[0])])[0].startswith("\u2581"):
+            ids = alone  # one token, or the pieces the next word really has (named below)
     if ids.numel() != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids.tolist())
         raise TaskError(

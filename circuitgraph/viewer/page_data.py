@@ -113,7 +113,7 @@ def qk_cards(info: dict | None, on_page: set[str]) -> dict:
     for key, values in info.get("loadings", {}).items():
         src, dst = key.split("->")
         if src in on_page and dst in on_page:
-            out.setdefault(dst, {"heads": [], "pairs": []})["heads"].append([src, [round(v, 4) for v in values]])
+            out.setdefault(dst, {"heads": [], "pairs": []})["heads"].append([src, [float(f"{v:.4g}") for v in values]])
     for card in out.values():
         card["heads"].sort(key=lambda r: -abs(sum(r[1])))
         del card["heads"][MAX_QK_INPUTS:]
@@ -121,7 +121,7 @@ def qk_cards(info: dict | None, on_page: set[str]) -> dict:
         if pair["target"] in out:
             out[pair["target"]]["pairs"].append(
                 {k: pair[k] for k in ("source", "layer", "head", "query", "key", "score", "sum_of_terms", "pattern")}
-                | {"top_pairs": [[t["query"], t["key"], round(t["value"], 4)] for t in pair["top_pairs"][:6]]})
+                | {"top_pairs": [[t["query"], t["key"], float(f"{t['value']:.4g}")] for t in pair["top_pairs"][:6]]})
     return out
 
 

@@ -50,12 +50,21 @@ class QKAttachConfig:
             raise ValueError(f"qk edges must be >= 0 and qk top_k >= 1, got {self.edges} and {self.top_k}")
 
 
+def require_attention_sites(rm: ReplacementModel) -> None:
+    """A clear error when no ``attn_z`` site is spliced: there is no edge a loading could split."""
+    if not any(s.kind == "attn_z" for s in rm.sites):
+        raise CircuitGraphError("head loadings and QK pairs explain edges into attention features, and no attn_z "
+                                f"site is spliced (sites: {', '.join(s.id for s in rm.sites)}); splice attention-z "
+                                "dictionaries (e.g. --sites attn_z,transcoder), or use `circuitgraph qk` for any head")
+
+
 def attach_qk(graph: Graph, rm: ReplacementModel, tokens: torch.Tensor, cfg: QKAttachConfig | None = None,
               also: Graph | None = None) -> dict:
     """Compute head loadings of ``graph``'s edges into attention features and QK pairs of the
     strongest cross-position ones; store them as ``metadata["qk"]`` of ``graph`` (and of ``also``,
     e.g. the unpruned graph it was pruned from) and return them. ``tokens``: the prompt (``[1, P]``)."""
     cfg = cfg or QKAttachConfig()
+    require_attention_sites(rm)
     bos = graph.metadata.get("bos", "keep")
     tokens = tokens.reshape(1, -1)
     n_heads = rm.model.cfg.n_heads
@@ -83,7 +92,7 @@ def attach_qk(graph: Graph, rm: ReplacementModel, tokens: torch.Tensor, cfg: QKA
                 values = hl.values[:, column[src]]
                 weight = float(graph.weights[e])
                 worst = max(worst, abs(float(values.sum()) - weight) / max(abs(weight), 1e-6))
-                loadings[f"{src}->{graph.nodes[t].id}"] = [round(float(v), 7) for v in values]
+                loadings[f"{src}->{graph.nodes[t].id}"] = [float(v) for v in values]
     if worst > 1e-3:
         log.warning("head loadings sum to their edges only to %.2g relative; the graph was built under other "
                     "settings than the loadings", worst)

@@ -215,6 +215,10 @@ def trace(model: HookedTransformer | ReplacementModel | str, dicts: Mapping[Site
                                 f"load_model, got {type(model).__name__}")
     if not isinstance(qk, bool) and type(qk).__name__ != "QKAttachConfig":
         raise CircuitGraphError(f"qk must be True, False or a QKAttachConfig, got {qk!r}")
+    if not isinstance(data, (str, torch.Tensor, PromptDataset, TaskDataset)):
+        hint = " (for a list of rows: cg.PromptDataset.from_records(rows, model))" if isinstance(data, list) else ""
+        raise CircuitGraphError(f"data must be a prompt (text, or [1, P] token ids) or a PromptDataset, got "
+                                f"{type(data).__name__}{hint}")
     if qk and (granularity == "components" or not isinstance(data, (str, torch.Tensor))):
         raise CircuitGraphError("qk= attaches head loadings to a prompt graph of features; a dataset circuit has "
                                 "none (see circuitgraph qk --task / --dataset for QK terms over a dataset)")

@@ -164,6 +164,10 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise DictionaryError(f"{folder} holds a corrupt SAELens file ({err}); re-download or re-save it") from err
     if not isinstance(raw, dict):
         raise DictionaryError(f"{folder / SAELENS_CFG} is not a JSON object; it is not a SAELens config")
+    for name, t in w.items():
+        if not t.is_floating_point():
+            raise DictionaryError(f"{folder / SAELENS_WEIGHTS}: tensor {name} is {t.dtype}; SAELens weights are "
+                                  "floating point. The file is damaged or not a SAELens SAE")
     return raw, {k: v.float() for k, v in w.items()}
 
 

@@ -50,7 +50,10 @@ def tensor_file_tokens(path: str | Path) -> TensorTokens:
         raise ValueError(f"token file {path} is missing, corrupt or truncated ({err})") from err
     if "tokens" not in data:
         raise ValueError(f"token file {path} has no 'tokens' tensor (found {sorted(data)})")
-    return TensorTokens(data["tokens"])
+    tokens = data["tokens"]
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError(f"token file {path}: 'tokens' is {tokens.dtype}; token ids must be integers (save them as int64)")
+    return TensorTokens(tokens)
 
 
 NO_TOKENIZER = ("the model has no tokenizer, so text cannot be turned into token ids; put the model's tokenizer.json "

@@ -172,12 +172,18 @@ def test_site_without_activations_refused(tmp_path, capsys):
                                                      "drop --seq-len"),
     (["--tokens-file", "LONG"], "holds sequences of 300 tokens; the model's context is 128"),
     (["--text", "TEXT", "--corpus-mix", "task-rich"], "--corpus-mix chooses the toy corpus"),
+    (["--tokens-file", "FLOAT"], "'tokens' is torch.float32; token ids must be integers"),
+    (["--tokens-file", "BIG"], "token ids range over 1..5000, but the model's vocabulary is 0..885"),
+    (["--tokens-file", "NEG"], "token ids range over -1.."),
 ])
 def test_train_flags_a_mode_ignores_are_refused(tmp_path, capsys, extra, match):
     files = {"ACTS": _write(tmp_path / "a.safetensors", {"activations": torch.randn(64, 8)}, site="L0.resid_post"),
              "TOKENS": _write(tmp_path / "t.safetensors", {"tokens": torch.randint(1, 800, (8, 32))}),
              "LONG": _write(tmp_path / "l.safetensors", {"tokens": torch.randint(1, 800, (8, 300))}),
-             "TEXT": tmp_path / "t.txt"}
+             "TEXT": tmp_path / "t.txt",
+             "FLOAT": _write(tmp_path / "f.safetensors", {"tokens": torch.rand(8, 32)}),
+             "BIG": _write(tmp_path / "b.safetensors", {"tokens": torch.tensor([[1, 5000] * 16] * 8)}),
+             "NEG": _write(tmp_path / "n.safetensors", {"tokens": torch.tensor([[-1, 5] * 16] * 8)})}
     files["TEXT"].write_text("When Mary and John went to the park. " * 50)
     argv = ["train-dictionaries", *[str(files.get(a, a)) for a in extra], "--out", str(tmp_path / "out")]
     assert main(argv) == 2

@@ -367,3 +367,29 @@ def test_kl_metric_edges_add_up_along_the_leaves_path(linear_rm):
     flat = score_nodes(linear_rm, ds.with_metric(kl_at_clean), cfg)
     _, flat_edges = score_edges(linear_rm, nodes, flat, cfg)
     assert float(flat_edges.abs().max()) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["mean", "zero"])
+def test_component_circuits_without_corrupted_prompts_score_against_the_ablation(default_model, kind):
+    """Without corrupted prompts (mean / zero ablation) EAP scores each edge against the ablated
+    sender output, not a corrupted run that equals the clean one (which scored every edge 0 and
+    returned an empty circuit): the strongest edges' scores have the sign of ablating that edge alone."""
+    from circuitgraph.attribution.components import ComponentCircuitConfig, EdgeAblator, edge_scores, trace_components
+
+    ds = make_dataset("ioi", default_model, n=8, seed=0)
+    ds.corrupted_tokens = ds.clean_tokens.clone()  # a file without corrupted prompts
+    ablator = EdgeAblator(default_model, ds, kind)
+    sc = edge_scores(default_model, ds, baselines=[abl for _, abl in ablator.parts])
+    valid = torch.tensor([[s.order < r.order for s in sc.senders] for r in sc.receivers])
+    full = ablator.metric(torch.zeros_like(valid))
+    top = torch.argsort((sc.scores * valid).abs().flatten(), descending=True)[:5]
+    for flat in top.tolist():
+        r, s = divmod(flat, len(sc.senders))
+        removed = torch.zeros_like(valid)
+        removed[r, s] = True
+        exact = full - ablator.metric(removed)
+        assert float(sc.scores[r, s]) * exact > 0, (sc.receivers[r], sc.senders[s], float(sc.scores[r, s]), exact)
+    graph, meta = trace_components(default_model, ds, ComponentCircuitConfig(max_edges=40, ablation=kind,
+                                                                             progress=False))
+    assert graph.n_edges > 0 and meta["n_circuit_edges"] == 40
+    assert abs(meta["metric_circuit"] - meta["metric_empty"]) > 0.1  # not the empty circuit

@@ -150,3 +150,39 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_errors(args, message) -> None:
     out = run_cli(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_api_and_file_refusals_name_the_problem(default_model, tmp_path):
+    """Inputs a reviewer found raising raw Python errors or loading silently."""
+    import json as _json
+
+    import circuitgraph as cg
+    from circuitgraph.errors import CircuitGraphError, TaskError
+
+    with pytest.raises(CircuitGraphError, match="data must be a prompt .* got int"):
+        cg.trace(default_model, None, 12345)
+    with pytest.raises(CircuitGraphError, match=r"PromptDataset.from_records\(rows, model\)"):
+        cg.trace(default_model, None, [{"prompt": "When Mary went", "answer": " Mary"}])
+    f = tmp_path / "r.json"
+    f.write_text(_json.dumps({"rows": 5}))
+    with pytest.raises(TaskError, match="holds a list of row objects"):
+        cg.PromptDataset.from_file(f, default_model)
+    g = cg.trace(default_model, None, "When Mary and John went to the park", progress=False)
+    with pytest.raises(CircuitGraphError, match="node ids are strings"):
+        g.top_features(3)
+
+
+def test_saelens_integer_weights_refused(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from circuitgraph.api import load_dictionaries
+    from dictionaries.errors import DictionaryError
+
+    src = Path(__file__).resolve().parent / "fixtures" / "saelens" / "standard"
+    shutil.copytree(src, tmp_path / "s")
+    w = load_file(str(tmp_path / "s" / "sae_weights.safetensors"))
+    save_file({**w, "W_enc": w["W_enc"].to(torch.int32)}, str(tmp_path / "s" / "sae_weights.safetensors"))
+    with pytest.raises(DictionaryError, match="tensor W_enc is torch.int32; SAELens weights are floating point"):
+        load_dictionaries(str(tmp_path / "s"))

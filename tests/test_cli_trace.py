@@ -144,8 +144,11 @@ def test_trace_prompt_and_components(tmp_path, capsys):
     (["trace", "--sites", "resid_post", "--layers", "7", "--task", "ioi", "--n", "4"], "out of range"),
     (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--tau", "nan"], "tau must be a positive finite"),
     (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--tau", "-5"], "tau must be a positive finite"),
-    (["trace", "--task", "ioi", "--n", "4", "--acdc-group-size", "0"], "group_size must be at least 1"),
-    (["trace", "--task", "ioi", "--n", "4", "--acdc-keep-factor", "0"], "keep_factor must be > 0"),
+    (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--acdc-group-size", "0"], "group_size must be at least 1"),
+    (["trace", "--task", "ioi", "--n", "4", "--method", "acdc", "--acdc-keep-factor", "0"], "keep_factor must be > 0"),
+    (["trace", "--task", "ioi", "--n", "4", "--ig-steps", "4"], "--ig-steps set(s) --method ig, but the method is attribution"),
+    (["trace", "--task", "ioi", "--n", "4", "--plain-acdc"], "--plain-acdc set(s) --method acdc"),
+    (["trace", "--task", "ioi", "--n", "4", "--target-kind", "faithfulness"], "give --target-faithfulness too"),
     (["trace", "--task", "ioi", "--n", "4", "--eval-n", "-1"], "--eval-n must be >= 0"),
     (["trace", "--task", "ioi", "--n", "4", "--max-nodes", "0"], "max_nodes must be at least 1"),
 ])

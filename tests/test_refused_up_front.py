@@ -24,7 +24,7 @@ TRACE = ["trace", "--task", "ioi", "--n", "4", "--eval-n", "4", "--describe-seqs
     ([*TRAIN, "--batch-tokens", "0"], "batch_tokens=0 must be at least 1"),
     ([*TRACE, "--batch-size", "0"], "batch_size must be at least 1"),
     ([*TRACE, "--ig-steps", "0", "--method", "ig"], "ig_steps and batch_size must be at least 1"),
-    ([*TRACE, "--granularity", "components", "--ig-steps", "0"], "must be at least 1"),
+    ([*TRACE, "--granularity", "components", "--method", "ig", "--ig-steps", "0"], "must be at least 1"),
     ([*TRACE, "--method", "acdc", "--tau", "nan"], "tau must be a positive finite number"),
 ])
 def test_bad_numbers(tmp_path, capsys, argv, message):

@@ -153,17 +153,27 @@ class ComponentScores(NamedTuple):
 
 
 def edge_scores(model: HookedTransformer, ds: TaskDataset, method: str = "attribution", ig_steps: int = 8,
-                batch_size: int = 32) -> ComponentScores:
-    """EAP / EAP-IG scores of every sender -> receiver edge, averaged over prompts."""
+                batch_size: int = 32, baselines: list[dict] | None = None) -> ComponentScores:
+    """EAP / EAP-IG scores of every sender -> receiver edge, averaged over prompts. ``baselines``:
+    per batch (of ``batch_size``), the senders' ablated outputs when they are not the corrupted
+    prompt's (mean / zero ablation; ``EdgeAblator.parts``): edges are scored against them, with
+    the gradient at the clean run (EAP-IG and metrics flat at the clean run interpolate embeddings
+    from the corrupted prompt, so they need one)."""
+    if baselines is not None and method == "ig":
+        raise CircuitGraphError("EAP-IG interpolates the embeddings from the corrupted prompt; with mean / zero "
+                                "ablation (no corrupted prompts) use --method attribution or acdc")
     snd, rcv = senders(model), receivers(model)
     scores = torch.zeros(len(rcv), len(snd), dtype=torch.float64)
     m_clean = m_corr = 0.0
     causal = is_causal(model)
     with component_hooks_enabled(model):
-        for b in batches(ds, batch_size):
+        for bi, b in enumerate(batches(ds, batch_size)):
             b = _with_reference(model, b)
             clean = _sender_outputs(model, b.clean_tokens, b.attention_mask)
-            corr = _sender_outputs(model, b.corrupted_tokens, b.attention_mask)
+            corr = _sender_outputs(model, b.corrupted_tokens, b.attention_mask) if baselines is None else baselines[bi]
+            if baselines is not None and flat_at_clean(b):
+                raise CircuitGraphError(f"metric {b.metric_name!r} is flat at the clean run, and mean / zero ablation "
+                                        "leaves no corrupted prompt to take its gradient towards; use --method acdc")
             # component outputs at BOS count too
             mask = position_mask(b, b.clean_tokens.shape[1], causal, include_first=True).unsqueeze(-1)
             with torch.no_grad():
@@ -324,9 +334,10 @@ def trace_components(model: HookedTransformer, ds: TaskDataset, cfg: ComponentCi
         ds = ds.with_metric(metric)
         eval_ds = None if eval_ds is None else eval_ds.with_metric(metric)
     start = time.perf_counter()
-    sc = edge_scores(model, ds, "ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size)
-    valid = torch.tensor([[s.order < r.order for s in sc.senders] for r in sc.receivers])
     ablator = EdgeAblator(model, ds, cfg.ablation, cfg.batch_size)
+    baselines = None if cfg.ablation == "patch" else [abl for _, abl in ablator.parts]  # scored as ablated
+    sc = edge_scores(model, ds, "ig" if cfg.method == "ig" else "attribution", cfg.ig_steps, cfg.batch_size, baselines)
+    valid = torch.tensor([[s.order < r.order for s in sc.senders] for r in sc.receivers])
     full = ablator.metric(torch.zeros_like(valid))
     empty = ablator.metric(valid)
     faithfulness_ratio(full, full, empty, "edge")  # a clear error when ablating every edge changes nothing

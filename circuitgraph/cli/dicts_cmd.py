@@ -164,7 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     model = resolve_model(args.model, device=args.device)
     if args.tokens_file:
-        length = _tokens_file_length(args.tokens_file)
+        length = _check_tokens_file(args.tokens_file, model.cfg.d_vocab)
         if not 2 <= length <= model.cfg.n_ctx:
             raise DictionaryError(f"{args.tokens_file} holds sequences of {length} tokens; the model's context is "
                                   f"{model.cfg.n_ctx} (use 2 to {model.cfg.n_ctx})")
@@ -187,14 +187,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens_file_length(path: str) -> int:
-    """The sequence length of a --tokens-file (its ``tokens`` tensor's second dimension)."""
+def _check_tokens_file(path: str, d_vocab: int) -> int:
+    """The sequence length of a --tokens-file (its ``tokens`` tensor's second dimension), after
+    checking it holds integer ids of the model's vocabulary."""
     try:
         tokens = tensor_file_tokens(path).tokens
     except ValueError as err:
         raise DictionaryError(str(err)) from err
-    if tokens.dim() != 2:
-        raise DictionaryError(f"{path}: 'tokens' must be [n_seq, seq_len], got shape {tuple(tokens.shape)}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise DictionaryError(f"{path}: 'tokens' must be a non-empty [n_seq, seq_len] tensor, got shape "
+                              f"{tuple(tokens.shape)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= d_vocab:
+        raise DictionaryError(f"{path}: token ids range over {lo}..{hi}, but the model's vocabulary is 0..{d_vocab - 1}; "
+                              "the tokens belong to another tokenizer")
     return int(tokens.shape[1])
 
 

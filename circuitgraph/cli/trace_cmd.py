@@ -157,6 +157,18 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             raise CircuitGraphError(f"{', '.join(given)} {'is' if one else 'are'} for {owner}, which {mode} does not "
                                     f"use; drop {'it' if one else 'them'}")
     if args.prompt is None:
+        method = args.method or "attribution"
+        by_method = {"ig": [n for n in ("ig_steps",) if getattr(args, n, None) is not None],
+                     "acdc": [n for n in vars(args) if n.startswith("acdc_") and getattr(args, n) is not None]
+                     + (["plain_acdc"] if args.plain_acdc else [])}
+        for needs, names in by_method.items():
+            if names and method != needs:
+                flags = ", ".join("--" + n.replace("_", "-") for n in names)
+                raise CircuitGraphError(f"{flags} set(s) --method {needs}, but the method is {method}; add --method "
+                                        f"{needs} or drop {flags}")
+        if getattr(args, "target_kind", None) is not None and not getattr(args, "target_faithfulness", None):
+            raise CircuitGraphError("--target-kind says which faithfulness --target-faithfulness aims at; give "
+                                    "--target-faithfulness too, or drop --target-kind")
         other = "components" if args.granularity == "features" else "features"
         given = _given(args, groups[other])
         if given:
@@ -212,8 +224,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CircuitGraphError(f"--eval-n must be >= 0, got {args.eval_n}")
     if args.prompt is None:
         if args.answer is not None or args.contrast is not None:
-            raise CircuitGraphError("--answer / --contrast choose what a --prompt graph explains; a --task dataset uses "
-                                    "its own answers")
+            source = f"--dataset {args.dataset} gives its answers in its rows" if args.dataset else \
+                "a --task dataset uses its own answers"
+            raise CircuitGraphError(f"--answer / --contrast choose what a --prompt graph explains; {source}")
         return
     if args.contrast is not None and args.answer is None:
         raise CircuitGraphError("--contrast needs --answer (the token whose logit it is subtracted from)")

@@ -82,6 +82,8 @@ class Graph:
 
     def index(self, node_id: str) -> int:
         """The index of ``node_id``, or a clear error saying what ids exist."""
+        if not isinstance(node_id, str):
+            raise CircuitGraphError(f"node ids are strings like 'L2.transcoder#123@5' or 'tok@3', got {node_id!r}")
         if node_id in self._index:
             return self._index[node_id]
         parse_node_id(node_id)  # a malformed id gets the parse error

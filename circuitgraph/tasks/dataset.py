@@ -150,6 +150,9 @@ def single_token_id(model: HookedTransformer, text: str) -> int:
     """The id of ``text`` if it is exactly one token, else a :class:`TaskError` naming it."""
     if model.tokenizer is None:
         raise TaskError(f"answer {text!r} needs a tokenizer; this model has none")
+    piece = model.tokenizer.convert_tokens_to_ids(text) if text.startswith("\u2581") else None
+    if isinstance(piece, int) and piece != getattr(model.tokenizer, "unk_token_id", None):
+        return piece  # a SentencePiece piece written as itself ("▁Lily")
     ids = torch.tensor(encode(model, text, f"answer {text!r}", prepend_bos=False))
     if ids.numel() >= 2 and text.startswith(" ") and _is_space_marker(model, int(ids[0])):
         # a SentencePiece-style tokenizer marks a word's leading space itself ("▁Mary"): " Mary" is

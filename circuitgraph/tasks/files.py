@@ -82,7 +82,11 @@ def _rows(path: Path) -> list[dict]:
             return rows
         if suffix == ".json":
             data = json.loads(text)
-            return data["rows"] if isinstance(data, dict) and "rows" in data else data
+            rows = data["rows"] if isinstance(data, dict) and "rows" in data else data
+            if not isinstance(rows, list):
+                raise TaskError(f"{path}: a .json prompt file holds a list of row objects (or {{\"rows\": [...]}}), "
+                                f"got {type(rows).__name__}")
+            return rows
         if suffix == ".csv":
             return [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(text.splitlines())]
     except json.JSONDecodeError as err:

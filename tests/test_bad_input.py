@@ -174,6 +174,7 @@ def test_api_and_file_refusals_name_the_problem(default_model, tmp_path):
 
 def test_saelens_integer_weights_refused(tmp_path):
     import shutil
+    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 

@@ -175,6 +175,9 @@ def test_site_without_activations_refused(tmp_path, capsys):
     (["--tokens-file", "FLOAT"], "'tokens' is torch.float32; token ids must be integers"),
     (["--tokens-file", "BIG"], "token ids range over 1..5000, but the model's vocabulary is 0..885"),
     (["--tokens-file", "NEG"], "token ids range over -1.."),
+    (["--activations", "ACTS", "--model-batch", "4"], "drop --model-batch"),
+    (["--tokens-file", "TOKENS", "--hf-split", "test"], "--hf-split read --hf-dataset, which is not given"),
+    (["--sites", "resid_post", "--transcoder-skip"], "no transcoder site is trained"),
 ])
 def test_train_flags_a_mode_ignores_are_refused(tmp_path, capsys, extra, match):
     files = {"ACTS": _write(tmp_path / "a.safetensors", {"activations": torch.randn(64, 8)}, site="L0.resid_post"),

@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-file", default=None, help="train on a safetensors file holding tokens [n_seq, seq_len]")
     p.add_argument("--hf-dataset", default=None,
                    help="train on a Hugging Face dataset, streamed: a hub name (online) or a local folder of data files")
-    p.add_argument("--hf-split", default="train", help="split of --hf-dataset")
-    p.add_argument("--hf-column", default="text", help="text column of --hf-dataset")
-    p.add_argument("--hf-sequences", type=int, default=20_000, help="sequences taken from the start of --hf-dataset")
+    p.add_argument("--hf-split", default=None, help="split of --hf-dataset (default: train)")
+    p.add_argument("--hf-column", default=None, help="text column of --hf-dataset (default: text)")
+    p.add_argument("--hf-sequences", type=int, default=None,
+                   help="sequences taken from the start of --hf-dataset (default: 20000)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for --text, --hf-dataset and the toy corpus (default: 128; a --tokens-file "
                         "has its own)")
@@ -139,7 +140,7 @@ def token_source(args: argparse.Namespace, model, seed: int) -> TokenSource:
 
 
 TRAIN_DEFAULTS = {"model": "default", "sites": "resid_post,mlp_out,attn_z,transcoder", "layers": "all", "seq_len": 128,
-                  "corpus_mix": "default"}
+                  "corpus_mix": "default", "hf_split": "train", "hf_column": "text", "hf_sequences": 20_000}
 """train-dictionaries flags whose unset value is ``None`` (so that flags a mode ignores can be refused)."""
 
 
@@ -153,6 +154,9 @@ def run_train(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
     if args.activations or args.site:
         return _train_from_file(args)
+    if not args.hf_dataset and _given(args, ("hf_split", "hf_column", "hf_sequences")):
+        raise DictionaryError(f"{', '.join(_given(args, ('hf_split', 'hf_column', 'hf_sequences')))} read --hf-dataset, "
+                              "which is not given; add it or drop them")
     if args.tokens_file:
         ignored = _given(args, ("seq_len", "corpus_mix", "text", "hf_dataset"))
         if ignored:
@@ -172,6 +176,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise DictionaryError(f"--seq-len {args.seq_len}: use 2 to {model.cfg.n_ctx} (the model's context)")
     try:
         sites = expand_sites(args.sites, args.layers, model.cfg.n_layers)
+        if getattr(args, "transcoder_skip", None) and not any(site.kind == "transcoder" for site in sites):
+            raise ValueError("--transcoder-skip adds a skip connection to transcoders, and no transcoder site is "
+                             "trained; add transcoder to --sites or drop --transcoder-skip")
         cfg = dataclass_from_flags(TrainConfig, args)
         for site in sites:  # every dictionary's settings, checked before the first step
             cfg.dictionary_config(site, *site.widths(model.cfg), model.cfg.model_name)
@@ -210,7 +217,11 @@ def _train_from_file(args: argparse.Namespace) -> int:
 
     if not args.activations:
         raise DictionaryError("--site names the site of an --activations file; a model run takes --sites and --layers")
-    clash = _given(args, ("model", "sites", "layers", "text", "tokens_file", "hf_dataset", "seq_len", "corpus_mix"))
+    model_only = ("chunk_sequences", "model_batch", "activation_cache", "interaction_penalty", "interaction_warmup_frac",
+                  "interaction_pairs", "interaction_weighting", "interaction_sequences", "interaction_keys",
+                  "e2e_kl_coeff", "e2e_sequences", "hf_split", "hf_column", "hf_sequences")
+    clash = _given(args, ("model", "sites", "layers", "text", "tokens_file", "hf_dataset", "seq_len", "corpus_mix",
+                          *model_only))
     if clash:
         raise DictionaryError(f"--activations trains on the file alone, without a model or text (its site: --site); "
                               f"drop {', '.join(clash)}")

@@ -149,8 +149,8 @@ def test_bad_files_refused(tmp_path, capsys, case, match):
 @pytest.mark.parametrize("flags,match", [
     (["--text", "x.txt"], "drop --text"),
     (["--model", "gpt2"], "drop --model"),
-    (["--interaction-penalty", "0.1"], "interaction_penalty need"),
-    (["--e2e-kl-coeff", "1"], "e2e_kl_coeff need"),
+    (["--interaction-penalty", "0.1"], "drop --interaction-penalty"),
+    (["--e2e-kl-coeff", "1"], "drop --e2e-kl-coeff"),
 ])
 def test_flags_that_need_a_model_refused(tmp_path, capsys, flags, match):
     _write(tmp_path / "a.safetensors", {"activations": torch.randn(2048, 8)}, site="L0.resid_post")

@@ -148,9 +148,9 @@ def test_token_id_rows_equal_text_rows_and_csv(default_model, rows, tmp_path):
     ({"prompt_ids": [0, 5], "targets": [{"position": "1", "answer_ids": 3}]}, "row 2 target 1: 'position' must be"),
     ({"prompt_ids": [0, 5], "targets": [{"position": 1}]}, "row 2 target 1: no 'answer'"),
     ({"prompt_ids": [0, 5], "answer_ids": 3, "corrupted_prompt_ids": [0, 5, 6]}, "row 2 has 2 tokens but its corrupted"),
-    ({"prompt_ids": [0, 5], "answer_ids": [3, 4], "wrong_ids": [4]}, "is both an answer and a wrong answer"),
+    ({"prompt_ids": [0, 5], "answer_ids": [3, 4], "wrong_ids": [4, 3]}, "the answers and the wrong answers are the same"),
     ({"prompt_ids": [0, 5], "targets": [{"position": 1, "answer_ids": 3, "wrong_ids": 3}]},
-     "row 2 target 1: '"),
+     "row 2: the answers and the wrong answers are the same tokens"),
     ({"prompt_ids": [0, 5], "targets": "x"}, "'targets' must be a non-empty list of objects like [{"),
     ({"prompt_ids": [0, 5], "targets": {"position": 1}}, "got dict {'position': 1}"),
 ])

@@ -201,14 +201,23 @@ def _targets(row: dict, where: str, model: HookedTransformer) -> list[RowTarget]
 
 
 def _target(pos: int, spec: dict, where: str, model: HookedTransformer) -> RowTarget:
-    """One target; an answer that is also a wrong answer is refused (the difference would be 0)."""
-    answers, wrongs = _token_set(spec, "answer", where, model, True), _token_set(spec, "wrong", where, model, False)
-    both = sorted(set(answers) & set(wrongs))
-    if both:
-        shown = ", ".join(repr(model.tokenizer.decode([i])) if model.tokenizer is not None else str(i) for i in both)
-        raise TaskError(f"{where}: {shown} is both an answer and a wrong answer; a token cannot be both (the logit "
-                        "difference would not depend on it)")
-    return RowTarget(pos, answers, wrongs)
+    """One target (its answers and wrong answers)."""
+    return RowTarget(pos, _token_set(spec, "answer", where, model, True), _token_set(spec, "wrong", where, model, False))
+
+
+def check_contrasts(rows: list[TokenRow], metric: Metric, model: HookedTransformer) -> None:
+    """For a metric that contrasts answers with wrong answers (``logit_diff``, ``prob_diff``): refuse a
+    target whose answers are exactly its wrong answers (the difference is always 0), naming the row."""
+    if metric not in ("logit_diff", "prob_diff"):
+        return
+    for row in rows:
+        for k, t in enumerate(row.targets, 1):
+            if t.wrongs and set(t.answers) == set(t.wrongs):
+                at = row.where if len(row.targets) == 1 else f"{row.where} target {k}"
+                shown = ", ".join(repr(model.tokenizer.decode([i])) if model.tokenizer is not None else str(i)
+                                  for i in t.answers)
+                raise TaskError(f"{at}: the answers and the wrong answers are the same tokens ({shown}); their "
+                                f"{metric} is always 0. Give the tokens the answer competes with as 'wrong'")
 
 
 def token_rows(records: list[dict], source: str | Path, model: HookedTransformer) -> TokenRows:
@@ -244,6 +253,7 @@ def dataset_from_rows(rows: list[dict], model: HookedTransformer, name: str = "r
     name or a callable, see :mod:`circuitgraph.tasks.metrics`) and whether they have corrupted
     prompts; errors name the row (counted from 1)."""
     read = token_rows(rows, name, model)
+    check_contrasts(read.rows, metric, model)
     return FileDataset(build_from_rows(name, read.rows, model, metric, padding_side), read.has_corrupted)
 
 
@@ -253,6 +263,7 @@ def dataset_from_file(path: str | Path, model: HookedTransformer, metric: Metric
     they have corrupted prompts."""
     path = Path(path)
     read = token_rows(_rows(path), path, model)
+    check_contrasts(read.rows, metric, model)
     return FileDataset(build_from_rows(path.stem, read.rows, model, metric, padding_side), read.has_corrupted)
 
 

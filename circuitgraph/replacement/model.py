@@ -86,6 +86,16 @@ def _zero_first(latents: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return latents.masked_fill(first_positions(b, p, mask, latents.device).unsqueeze(-1), 0.0)
 
 
+def _latents_of(d: SparseDictionary, site: Site, spec: SpliceSpec, x_flat: torch.Tensor, shape: tuple[int, int],
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, P, d_dict]``: the latents ``spec`` gives, else the encoded input (zero at each row's first
+    token with ``spec.first_as_error``)."""
+    if site in spec.latents:
+        return spec.latents[site]
+    latents = d.encode(x_flat).reshape(*shape, -1)
+    return _zero_first(latents, mask) if spec.first_as_error else latents
+
+
 class SiteRecord(NamedTuple):
     """What a forward pass saw at one site."""
 
@@ -153,12 +163,7 @@ class ReplacementModel:
             x_flat = x.reshape(b * p, -1)
             active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
             skip = d.skip_term(x_flat).reshape(b, p, -1) if d.W_skip is not None else 0.0
-            if site in spec.latents:
-                latents = spec.latents[site]
-            else:
-                latents = d.encode(x_flat).reshape(b, p, -1)
-                if spec.first_as_error:
-                    latents = _zero_first(latents, mask)
+            latents = _latents_of(d, site, spec, x_flat, (b, p), mask)
             if site in spec.errors:
                 errors = spec.errors[site]
             else:
@@ -212,12 +217,7 @@ class ReplacementModel:
                 b, p = act.shape[:2]
                 x_flat = act.reshape(b * p, -1)
                 active = d.active_value(x_flat).reshape(b, p, -1) if spec.record_active_values else None
-                if site in spec.latents:
-                    latents = spec.latents[site]
-                else:
-                    latents = d.encode(x_flat).reshape(b, p, -1)
-                    if spec.first_as_error:
-                        latents = _zero_first(latents, mask)
+                latents = _latents_of(d, site, spec, x_flat, (b, p), mask)
                 skip = d.skip_term(x_flat).reshape(b, p, -1) if d.W_skip is not None else 0.0
                 clean = d.decode(latents.reshape(b * p, -1)).reshape(b, p, -1) + skip
                 used = clean

@@ -141,7 +141,7 @@ def _config(cls: type, settings: dict[str, Any], what: str, config: Any = None) 
         return config
     names = flat_fields(cls)
     if cls.__name__ == "LinearAttributionConfig":  # the CLI's flag names of the two settings datasets share
-        from circuitgraph.cli.trace_cmd import PROMPT_RENAME
+        from circuitgraph.attribution.linear import PROMPT_RENAME
 
         for name, flag in PROMPT_RENAME.items():
             if flag in settings:

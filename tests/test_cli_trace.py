@@ -176,6 +176,7 @@ PROMPT = "When Mary and John went to the park, John gave a book to"
     (["--prompt", PROMPT, "--max-logits", "0"], "max_logits is 0 and no answer was given"),
     (["--prompt", PROMPT, "--device", "cuda:x"], "unknown device 'cuda:x'"),
     (["--prompt", PROMPT, "--device", "mps"], "prompt graphs are built on cpu or cuda"),
+    (["--dataset", "DATA", "--answer", " Mary"], "--dataset DATA gives its answers in its rows"),
     (["--prompt", PROMPT, "--memory-mb", "inf"], "memory_mb must be a finite number >= 0"),
     (["--prompt", PROMPT, "--memory-mb", "nan"], "memory_mb must be a finite number >= 0"),
     (["--prompt", PROMPT, "--memory-mb", "1", "--spill-dir", "DATA"], "is a file, not a folder"),
@@ -186,8 +187,13 @@ def test_trace_refuses_flags_it_would_ignore(tmp_path, capsys, argv, message):
     data.write_text(json.dumps({"prompt": PROMPT, "answer": " Mary", "wrong": " John"}) + "\n")
     argv = [str(data) if a == "DATA" else a for a in argv]
     assert main(["trace", *argv, "--describe-seqs", "0", "--out", str(tmp_path / "x")]) == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("DATA", str(data)) in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_qk_prompt_with_dataset_head_choices_names_the_conflict(tmp_path, capsys):
+    assert main(["qk", "--prompt", PROMPT, "--circuit", str(tmp_path), "--layer", "2", "--head", "3"]) == 2
+    assert "--circuit chooses heads for a dataset (--task / --dataset)" in capsys.readouterr().err
 
 
 def test_trace_cuda_without_a_gpu(tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_trace_flags_come_from_the_method_configs(tmp_path, capsys):
     from circuitgraph.attribution.components import ComponentCircuitConfig
     from circuitgraph.attribution.linear import LinearAttributionConfig
     from circuitgraph.cli.main import build_parser
-    from circuitgraph.cli.trace_cmd import PROMPT_RENAME
+    from circuitgraph.attribution.linear import PROMPT_RENAME
 
     parser = build_parser()
     trace = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "trace")[1]

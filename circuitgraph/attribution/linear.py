@@ -54,6 +54,11 @@ from circuitgraph.replacement.model import ReplacementModel
 log = logging.getLogger(__name__)
 
 
+PROMPT_RENAME = {"max_feature_nodes": "prompt_max_feature_nodes", "batch_size": "prompt_batch_size"}
+"""Prompt-graph settings whose names dataset circuits use too: their CLI flags (and accepted
+``cg.trace`` aliases) get a ``prompt_`` prefix."""
+
+
 @dataclass
 class LinearAttributionConfig:
     """Options of :func:`attribute_prompt`."""

@@ -89,3 +89,9 @@ def dataclass_from_flags(cls: type, args: argparse.Namespace, prefix: str = "", 
             values[name] = tuple(value) if isinstance(value, list) else value
     values.update(overrides)
     return from_flat(cls, values)
+
+
+def given_flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The flags among ``names`` (dest names) the user set, spelled as flags; unset flags are ``None``
+    (their defaults are filled in after the check, so a flag a mode ignores can be refused)."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags
+from circuitgraph.cli.config_flags import add_dataclass_flags, dataclass_from_flags, given_flags
 from circuitgraph.models import resolve_model
 from circuitgraph.toylang.corpus import TASK_RICH, CorpusConfig, ToyCorpus
 from dictionaries import distributed
@@ -144,9 +144,6 @@ TRAIN_DEFAULTS = {"model": "default", "sites": "resid_post,mlp_out,attn_z,transc
 """train-dictionaries flags whose unset value is ``None`` (so that flags a mode ignores can be refused)."""
 
 
-def _given(args: argparse.Namespace, names) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
-
 
 def run_train(args: argparse.Namespace) -> int:
     from circuitgraph.graph.storage import check_writable
@@ -154,11 +151,11 @@ def run_train(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before any work: a bad --out must not cost a whole training run
     if args.activations or args.site:
         return _train_from_file(args)
-    if not args.hf_dataset and _given(args, ("hf_split", "hf_column", "hf_sequences")):
-        raise DictionaryError(f"{', '.join(_given(args, ('hf_split', 'hf_column', 'hf_sequences')))} read --hf-dataset, "
+    if not args.hf_dataset and given_flags(args, ("hf_split", "hf_column", "hf_sequences")):
+        raise DictionaryError(f"{', '.join(given_flags(args, ('hf_split', 'hf_column', 'hf_sequences')))} read --hf-dataset, "
                               "which is not given; add it or drop them")
     if args.tokens_file:
-        ignored = _given(args, ("seq_len", "corpus_mix", "text", "hf_dataset"))
+        ignored = given_flags(args, ("seq_len", "corpus_mix", "text", "hf_dataset"))
         if ignored:
             raise DictionaryError(f"--tokens-file gives the token sequences (and their length); drop {', '.join(ignored)}")
     elif args.corpus_mix is not None and (args.text or args.hf_dataset):
@@ -220,7 +217,7 @@ def _train_from_file(args: argparse.Namespace) -> int:
     model_only = ("chunk_sequences", "model_batch", "activation_cache", "interaction_penalty", "interaction_warmup_frac",
                   "interaction_pairs", "interaction_weighting", "interaction_sequences", "interaction_keys",
                   "e2e_kl_coeff", "e2e_sequences", "hf_split", "hf_column", "hf_sequences")
-    clash = _given(args, ("model", "sites", "layers", "text", "tokens_file", "hf_dataset", "seq_len", "corpus_mix",
+    clash = given_flags(args, ("model", "sites", "layers", "text", "tokens_file", "hf_dataset", "seq_len", "corpus_mix",
                           *model_only))
     if clash:
         raise DictionaryError(f"--activations trains on the file alone, without a model or text (its site: --site); "

@@ -18,12 +18,11 @@ import math
 import sys
 import time
 
+from circuitgraph.cli.config_flags import given_flags
 from circuitgraph.errors import CircuitGraphError
 
 log = logging.getLogger(__name__)
 
-PROMPT_RENAME = {"max_feature_nodes": "prompt_max_feature_nodes", "batch_size": "prompt_batch_size"}
-"""Prompt-graph settings whose names dataset circuits use too: their flags get a ``prompt-`` prefix."""
 
 
 def _prune_default(name: str) -> float:
@@ -35,9 +34,10 @@ def _prune_default(name: str) -> float:
 def register(sub: argparse._SubParsersAction) -> None:
     from circuitgraph.attribution.circuit import CircuitConfig
     from circuitgraph.attribution.components import ComponentCircuitConfig
-    from circuitgraph.attribution.linear import LinearAttributionConfig
+    from circuitgraph.attribution.linear import PROMPT_RENAME, LinearAttributionConfig
     from circuitgraph.attribution.prompt.qk_attach import QKAttachConfig
     from circuitgraph.cli.config_flags import add_dataclass_flags
+    from dictionaries.config import flat_fields
 
     p = sub.add_parser("trace", help="build an attribution graph / circuit for a task dataset or one prompt",
                        description=__doc__.splitlines()[0])
@@ -102,23 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_trace, _flag_groups={
         "task": ["task", "n", "seed"],
         "dataset": ["eval_n", "eval_seed", "padding_side", "plain_acdc", *shared, *comp_only],
-        "features": [n for n in shared if n not in flat_names(ComponentCircuitConfig)],
+        "features": [n for n in shared if n not in flat_fields(ComponentCircuitConfig)],
         "components": list(comp_only),
         "prompt": ["node_threshold", "edge_threshold", "qk", *("qk_" + n for n in qk_flags),
                    *(PROMPT_RENAME.get(n, n) for n in prompt_flags)],
     })
 
-
-def flat_names(cls: type) -> list[str]:
-    """A config's flat field names (its flags' names)."""
-    from dictionaries.config import flat_fields
-
-    return list(flat_fields(cls))
-
-
-def _given(args: argparse.Namespace, names) -> list[str]:
-    """The flags among ``names`` the user set (unset flags are ``None``), spelled as flags."""
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
 
 
 def _refuse_unused(args: argparse.Namespace) -> None:
@@ -130,7 +119,7 @@ def _refuse_unused(args: argparse.Namespace) -> None:
     if args.prompt is None and args.prompt_max_feature_nodes is not None:
         raise CircuitGraphError("--prompt-max-feature-nodes is the budget of a --prompt graph; a dataset circuit's "
                                 "sizes are --max-nodes and --max-feature-nodes")
-    qk_given = _given(args, [n for n in groups["prompt"] if n.startswith("qk_")])
+    qk_given = given_flags(args, [n for n in groups["prompt"] if n.startswith("qk_")])
     if qk_given and not args.qk:
         raise CircuitGraphError(f"{', '.join(qk_given)} set(s) what --qk attaches; add --qk or drop them")
     if args.qk and args.prompt is not None:
@@ -151,7 +140,7 @@ def _refuse_unused(args: argparse.Namespace) -> None:
         mode = f"--task {args.task or 'ioi'}"
         unused = {"--prompt graphs": "prompt"}
     for owner, group in unused.items():
-        given = _given(args, groups[group])
+        given = given_flags(args, groups[group])
         if given:
             one = len(given) == 1
             raise CircuitGraphError(f"{', '.join(given)} {'is' if one else 'are'} for {owner}, which {mode} does not "
@@ -170,7 +159,7 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             raise CircuitGraphError("--target-kind says which faithfulness --target-faithfulness aims at; give "
                                     "--target-faithfulness too, or drop --target-kind")
         other = "components" if args.granularity == "features" else "features"
-        given = _given(args, groups[other])
+        given = given_flags(args, groups[other])
         if given:
             one = len(given) == 1
             raise CircuitGraphError(f"{', '.join(given)} {'is' if one else 'are'} for --granularity {other}, but "
@@ -243,6 +232,8 @@ def _config(cls: type, args: argparse.Namespace, **overrides):
 
     if args.plain_acdc and cls.__name__ != "LinearAttributionConfig":
         overrides.update(acdc_skip_fraction=0.0, acdc_keep_factor=math.inf, acdc_group_size=1)
+    from circuitgraph.attribution.linear import PROMPT_RENAME
+
     rename = PROMPT_RENAME if cls.__name__ == "LinearAttributionConfig" else None
     try:
         return dataclass_from_flags(cls, args, rename=rename, **overrides)

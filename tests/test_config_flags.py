@@ -63,9 +63,8 @@ def test_train_dictionaries_cli_reaches_aux_k_and_jumprelu_settings(tmp_path, ca
 def test_trace_flags_come_from_the_method_configs(tmp_path, capsys):
     from circuitgraph.attribution.circuit import CircuitConfig
     from circuitgraph.attribution.components import ComponentCircuitConfig
-    from circuitgraph.attribution.linear import LinearAttributionConfig
+    from circuitgraph.attribution.linear import PROMPT_RENAME, LinearAttributionConfig
     from circuitgraph.cli.main import build_parser
-    from circuitgraph.attribution.linear import PROMPT_RENAME
 
     parser = build_parser()
     trace = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "trace")[1]
